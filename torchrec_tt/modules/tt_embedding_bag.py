@@ -1,0 +1,385 @@
+"""``TTEmbeddingBag``: a TT-compressed drop-in for ``torch.nn.EmbeddingBag``."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from torchrec_tt.modules.optim_types import OptimType, to_fused_optimizer
+from torchrec_tt.modules.tt_init import WEIGHT_DISTS, init_tt_cores
+from torchrec_tt.modules.tt_shapes import (
+    canonical_to_internal,
+    internal_to_canonical,
+    resolve_tt_shapes,
+    tt_num_parameters,
+)
+from torchrec_tt.modules.tt_svd import tt_svd
+from torchrec_tt.ops import (
+    FusedOptimizer,
+    PoolingMode,
+    tt_embedding_bag,
+    tt_embedding_bag_backward_fused_,
+    tt_lookup_rows,
+)
+from torchrec_tt.ops.tt_embedding_bag import per_sample_weights_grad
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TTEmbeddingBag"]
+
+_MODES = {"sum": PoolingMode.SUM, "mean": PoolingMode.MEAN}
+
+
+class _FusedTTEmbeddingBag(torch.autograd.Function):
+    """Forward lookup whose backward applies the module's fused optimizer in place."""
+
+    @staticmethod
+    def forward(ctx: Any, table: TTEmbeddingBag, indices: Tensor, offsets: Tensor, weights: Tensor | None, *cores: Tensor) -> Tensor:
+        ctx.table = table
+        ctx.versions = None if torch.compiler.is_compiling() else [c._version for c in cores]
+        ctx.cores = cores
+        ctx.save_for_backward(indices, offsets, weights)
+        return tt_embedding_bag(cores, indices, offsets, weights, *table._op_shape_args(), table._pooling_mode)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
+        indices, offsets, weights = ctx.saved_tensors
+        table: TTEmbeddingBag = ctx.table
+        if ctx.versions is not None and [c._version for c in ctx.cores] != ctx.versions:
+            raise RuntimeError(
+                f"TTEmbeddingBag '{table.name}' (sparse=True): the TT cores changed between this forward and its "
+                "backward (e.g. a second backward through another lookup of the same table already applied its "
+                "update). Run one backward per lookup, or concatenate the lookups into one call."
+            )
+        grad_output = grad_output.contiguous()
+        weight_grad = None
+        if weights is not None and ctx.needs_input_grad[3]:
+            weight_grad = per_sample_weights_grad(
+                grad_output, list(ctx.cores), indices, offsets, *table._op_shape_args(), table._pooling_mode
+            ).to(weights.dtype)
+        table._apply_fused_update(grad_output, indices, offsets, weights)
+        return (None, None, None, weight_grad, *([None] * len(ctx.cores)))
+
+
+class TTEmbeddingBag(nn.Module):
+    """Embedding bag whose table is stored as Tensor-Train cores.
+
+    A drop-in for ``torch.nn.EmbeddingBag`` (same forward conventions) and for
+    FBTT-Embedding's ``TTEmbeddingBag`` (same parameter names and meaning). The
+    ``num_embeddings x embedding_dim`` table ``W`` is never stored: row ``i``,
+    with digits ``(i_1..i_d)`` in radix ``tt_p_shapes`` (``i_1`` most
+    significant), is the chain product ``G_1[i_1] G_2[i_2] ... G_d[i_d]`` of core
+    slices ``G_k[i_k]`` of shape ``(r_{k-1}, q_k, r_k)``.
+
+    Args:
+        num_embeddings (int): rows of the table.
+        embedding_dim (int): columns of the table.
+        tt_p_shapes (list[int], optional): row factorisation, ``prod >= num_embeddings``;
+            chosen automatically when None (see ``num_padded_rows``).
+        tt_q_shapes (list[int], optional): column factorisation, ``prod == embedding_dim``;
+            chosen automatically when None.
+        tt_ranks (int or list[int]): the ``d - 1`` inner TT ranks (required).
+        sparse (bool): if True the optimizer update is fused into backward (exact,
+            duplicates coalesced) and no gradient is returned; if False the cores get
+            ordinary ``.grad`` for any ``torch.optim`` optimizer.
+        optimizer (OptimType): fused optimizer (``sparse=True`` only): ``SGD``/``EXACT_SGD``,
+            ``EXACT_ADAGRAD``, ``EXACT_ROWWISE_ADAGRAD``/``ROWWISE_ADAGRAD``.
+        learning_rate (float): fused optimizer's learning rate.
+        eps (float): Adagrad's denominator term.
+        use_cache (bool): software cache of hot rows (not implemented yet: raises).
+        cache_size (int): rows in the cache.
+        hashtbl_size (int): entries of the frequency hash table.
+        weight_dist (str): ``"uniform"``, ``"normal"``, ``"approx-uniform"`` or
+            ``"approx-normal"`` (see :mod:`torchrec_tt.modules.tt_init`).
+        mode (str): ``"sum"`` or ``"mean"`` pooling.
+        include_last_offset (bool): as in ``nn.EmbeddingBag``.
+        name (str): table name used in error messages.
+        device (torch.device, optional): where the cores live (``"meta"`` allowed).
+        dtype (torch.dtype, optional): dtype of the cores (default float32).
+
+    Example::
+
+        >>> emb = TTEmbeddingBag(1000, 16, tt_ranks=[8, 8], mode="mean")
+        >>> emb.tt_p_shapes, emb.tt_q_shapes, emb.tt_ranks
+        ([10, 10, 10], [4, 2, 2], [1, 8, 8, 1])
+        >>> ids = torch.tensor([1, 2, 4, 5, 4, 3, 2, 9])
+        >>> emb(ids, torch.tensor([0, 4])).shape
+        torch.Size([2, 16])
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        tt_p_shapes: Sequence[int] | None = None,
+        tt_q_shapes: Sequence[int] | None = None,
+        tt_ranks: int | Sequence[int] | None = None,
+        sparse: bool = False,
+        optimizer: OptimType | str = OptimType.SGD,
+        learning_rate: float = 0.1,
+        eps: float = 1.0e-10,
+        use_cache: bool = False,
+        cache_size: int = 0,
+        hashtbl_size: int = 0,
+        weight_dist: str = "approx-normal",
+        *,
+        mode: str = "sum",
+        include_last_offset: bool = False,
+        name: str = "TTEmbeddingBag",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if use_cache:
+            raise NotImplementedError(
+                f"TTEmbeddingBag '{name}': use_cache=True (the LFU cache of hot rows) is not implemented yet"
+            )
+        if mode not in _MODES:
+            raise ValueError(f"TTEmbeddingBag '{name}': mode must be 'sum' or 'mean', got {mode!r}")
+        if weight_dist not in WEIGHT_DISTS:
+            raise ValueError(f"TTEmbeddingBag '{name}': weight_dist must be one of {WEIGHT_DISTS}, got {weight_dist!r}")
+        try:
+            p, q, ranks = resolve_tt_shapes(num_embeddings, embedding_dim, tt_p_shapes, tt_q_shapes, tt_ranks)
+            fused = to_fused_optimizer(optimizer) if sparse else None
+        except (ValueError, NotImplementedError) as e:
+            raise type(e)(f"TTEmbeddingBag '{name}': {e}") from None
+        self.name = name
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.tt_p_shapes: list[int] = p
+        self.tt_q_shapes: list[int] = q
+        self.tt_ranks: list[int] = ranks
+        self.num_tt_core = len(p)
+        self.sparse = sparse
+        self.optimizer = OptimType(getattr(optimizer, "value", optimizer))
+        self._fused_optimizer = fused
+        self.learning_rate = float(learning_rate)
+        self.eps = float(eps)
+        self.use_cache, self.cache_size, self.hashtbl_size = use_cache, cache_size, hashtbl_size
+        self.weight_dist = weight_dist
+        self.mode = mode
+        self._pooling_mode = int(_MODES[mode])
+        self.include_last_offset = include_last_offset
+        factory = {"device": device, "dtype": dtype or torch.float32}
+        self.tt_cores = nn.ParameterList(
+            nn.Parameter(torch.empty(p[k], ranks[k] * q[k] * ranks[k + 1], **factory)) for k in range(len(p))
+        )
+        for k, shape in enumerate(self._optimizer_state_shapes()):
+            state_dtype = torch.promote_types(factory["dtype"], torch.float32)
+            self.register_buffer(f"optimizer_state_{k}", torch.zeros(shape, device=device, dtype=state_dtype))
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_padded_rows(self) -> int:
+        """Rows of the TT grid beyond ``num_embeddings`` (never looked up)."""
+        return math.prod(self.tt_p_shapes) - self.num_embeddings
+
+    @property
+    def compression_ratio(self) -> float:
+        """Scalars of the uncompressed table over scalars in the cores."""
+        return self.num_embeddings * self.embedding_dim / tt_num_parameters(self.tt_p_shapes, self.tt_q_shapes, self.tt_ranks)
+
+    def optimizer_states(self) -> list[Tensor]:
+        """The fused optimizer's state tensors (empty for SGD or ``sparse=False``)."""
+        return [getattr(self, f"optimizer_state_{k}") for k in range(len(self._optimizer_state_shapes()))]
+
+    def _optimizer_state_shapes(self) -> list[tuple[int, ...]]:
+        if self._fused_optimizer == FusedOptimizer.ADAGRAD:
+            return [(self.tt_p_shapes[k], self.tt_ranks[k] * self.tt_q_shapes[k] * self.tt_ranks[k + 1]) for k in range(self.num_tt_core)]
+        if self._fused_optimizer == FusedOptimizer.ROWWISE_ADAGRAD:
+            return [(p,) for p in self.tt_p_shapes]
+        return []
+
+    def _op_shape_args(self) -> tuple[list[int], list[int], list[int], int]:
+        return self.tt_p_shapes, self.tt_q_shapes, self.tt_ranks, self.num_embeddings
+
+    # ------------------------------------------------------------------ init / state
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Re-initialise the cores per ``weight_dist`` and zero the optimizer state.
+
+        Args:
+            generator (torch.Generator, optional): random source.
+        """
+        init_tt_cores(list(self.tt_cores), self.weight_dist, self.num_embeddings, self.tt_ranks, generator)
+        with torch.no_grad():
+            for state in self.optimizer_states():
+                state.zero_()
+
+    def set_learning_rate(self, learning_rate: float) -> None:
+        """Set the fused optimizer's learning rate (used by the next backward)."""
+        self.learning_rate = float(learning_rate)
+
+    def canonical_cores(self) -> list[Tensor]:
+        """The cores in the canonical layout ``[r_{k-1}, p_k, q_k, r_k]`` (views).
+
+        Example::
+
+            >>> emb = TTEmbeddingBag(100, 8, [5, 20], [2, 4], [3])
+            >>> [tuple(c.shape) for c in emb.canonical_cores()]
+            [(1, 5, 2, 3), (3, 20, 4, 1)]
+        """
+        r, q = self.tt_ranks, self.tt_q_shapes
+        return [internal_to_canonical(c, r[k], q[k], r[k + 1]) for k, c in enumerate(self.tt_cores)]
+
+    @torch.no_grad()
+    def load_canonical_cores(self, cores: Sequence[Tensor]) -> None:
+        """Copy cores given in the canonical layout into this table (all or nothing).
+
+        Raises:
+            ValueError: naming the first core whose shape does not match.
+        """
+        expected = [tuple(c.shape) for c in self.canonical_cores()]
+        if len(cores) != len(expected) or any(tuple(c.shape) != e for c, e in zip(cores, expected, strict=False)):
+            raise ValueError(
+                f"TTEmbeddingBag '{self.name}': canonical cores of shapes {[tuple(c.shape) for c in cores]} do not "
+                f"match this table's {expected}"
+            )
+        for dst, src in zip(self.tt_cores, cores, strict=True):
+            dst.copy_(canonical_to_internal(src))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Validate every TT tensor before anything of this table is copied.
+        own = {f"tt_cores.{k}": c for k, c in enumerate(self.tt_cores)}
+        own.update({f"optimizer_state_{k}": s for k, s in enumerate(self.optimizer_states())})
+        for key, mine in own.items():
+            theirs = state_dict.get(prefix + key)
+            if theirs is not None and tuple(theirs.shape) != tuple(mine.shape):
+                raise RuntimeError(
+                    f"TTEmbeddingBag '{self.name}': checkpoint tensor {prefix + key} has shape {tuple(theirs.shape)}, "
+                    f"this table has {tuple(mine.shape)} (p={self.tt_p_shapes}, q={self.tt_q_shapes}, "
+                    f"ranks={self.tt_ranks}, optimizer={self.optimizer.name}); nothing was loaded"
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ------------------------------------------------------------------ dense conversion
+    def full_weight(self) -> Tensor:
+        """Materialise the ``num_embeddings x embedding_dim`` table (differentiable).
+
+        Example::
+
+            >>> TTEmbeddingBag(10, 3, None, None, tt_ranks=[2, 2]).full_weight().shape
+            torch.Size([10, 3])
+        """
+        ids = torch.arange(self.num_embeddings, device=self.tt_cores[0].device)
+        return tt_lookup_rows(list(self.tt_cores), ids, *self._op_shape_args())
+
+    @classmethod
+    def from_dense(
+        cls,
+        weight: Tensor,
+        tt_ranks: int | Sequence[int],
+        tt_p_shapes: Sequence[int] | None = None,
+        tt_q_shapes: Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> TTEmbeddingBag:
+        """Compress a trained ``(num_embeddings, embedding_dim)`` table by TT-SVD.
+
+        The cores are the truncated TT-SVD of the table (rows padded with zeros to
+        ``prod(p)``); the relative Frobenius error ``||W - W_tt|| / ||W||`` is logged
+        and kept in ``tt_svd_relative_error``.
+
+        Args:
+            weight (Tensor): the dense table.
+            tt_ranks (int or list[int]): maximal inner ranks (lower ranks are padded with zeros).
+            tt_p_shapes (list[int], optional): row factorisation.
+            tt_q_shapes (list[int], optional): column factorisation.
+            **kwargs: other ``TTEmbeddingBag`` arguments (``sparse``, ``optimizer``, ``mode``...).
+
+        Example::
+
+            >>> w = torch.randn(100, 8)
+            >>> emb = TTEmbeddingBag.from_dense(w, tt_ranks=[64], tt_p_shapes=[10, 10], tt_q_shapes=[2, 4])
+            >>> emb.tt_svd_relative_error < 1e-5
+            True
+        """
+        if weight.dim() != 2:
+            raise ValueError(f"from_dense: weight must be 2-D (num_embeddings, embedding_dim), got {tuple(weight.shape)}")
+        kwargs.setdefault("dtype", weight.dtype if weight.is_floating_point() else None)
+        kwargs.setdefault("device", weight.device)
+        module = cls(weight.shape[0], weight.shape[1], tt_p_shapes, tt_q_shapes, tt_ranks, **kwargs)
+        cores = tt_svd(weight, module.tt_p_shapes, module.tt_q_shapes, module.tt_ranks)
+        module.load_canonical_cores(cores)
+        with torch.no_grad():
+            approx = module.full_weight().double()
+            ref = weight.double()
+            error = float((approx - ref).norm() / ref.norm().clamp_min(torch.finfo(torch.float64).tiny))
+        module.tt_svd_relative_error = error
+        logger.info(
+            "from_dense %s: TT-SVD with p=%s q=%s ranks=%s, relative Frobenius error %.3e, compression %.1fx",
+            module.name, module.tt_p_shapes, module.tt_q_shapes, module.tt_ranks, error, module.compression_ratio,
+        )
+        return module
+
+    # ------------------------------------------------------------------ forward
+    def _bags(self, input: Tensor, offsets: Tensor | None, per_sample_weights: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Normalise ``nn.EmbeddingBag`` inputs to (ids, B + 1 offsets, weights)."""
+        if input.dim() == 2:
+            if offsets is not None:
+                raise ValueError(f"TTEmbeddingBag '{self.name}': offsets must be None when input is 2-D (B, L)")
+            num_bags, bag_size = input.shape
+            offsets = torch.arange(0, num_bags * bag_size + 1, max(bag_size, 1), device=input.device, dtype=input.dtype)
+            if bag_size == 0:
+                offsets = torch.zeros(num_bags + 1, device=input.device, dtype=input.dtype)
+            input = input.reshape(-1)
+            if per_sample_weights is not None:
+                per_sample_weights = per_sample_weights.reshape(-1)
+        elif input.dim() == 1:
+            if offsets is None or offsets.dim() != 1:
+                raise ValueError(f"TTEmbeddingBag '{self.name}': a 1-D input needs 1-D offsets")
+            if not self.include_last_offset:
+                offsets = torch.cat([offsets, offsets.new_full((1,), input.shape[0])])
+        else:
+            raise ValueError(f"TTEmbeddingBag '{self.name}': input must be 1-D or 2-D, got shape {tuple(input.shape)}")
+        return input, offsets, per_sample_weights
+
+    def forward(self, input: Tensor, offsets: Tensor | None = None, per_sample_weights: Tensor | None = None) -> Tensor:
+        """Pooled lookup, as ``nn.EmbeddingBag.forward``.
+
+        Args:
+            input (Tensor): int32/int64 ids, 1-D with ``offsets`` or 2-D ``(B, L)``.
+            offsets (Tensor, optional): bag starts (``B`` entries, or ``B + 1`` with
+                ``include_last_offset=True``).
+            per_sample_weights (Tensor, optional): one weight per id (sum and mean).
+
+        Returns:
+            Tensor: ``(B, embedding_dim)``.
+        """
+        indices, offsets, weights = self._bags(input, offsets, per_sample_weights)
+        cores = list(self.tt_cores)
+        try:
+            if self.sparse and torch.is_grad_enabled():
+                return _FusedTTEmbeddingBag.apply(self, indices, offsets, weights, *cores)
+            return tt_embedding_bag(cores, indices, offsets, weights, *self._op_shape_args(), self._pooling_mode)
+        except (IndexError, ValueError) as e:
+            raise type(e)(f"TTEmbeddingBag '{self.name}': {e}") from e
+
+    @torch.no_grad()
+    def _apply_fused_update(self, grad_output: Tensor, indices: Tensor, offsets: Tensor, weights: Tensor | None) -> None:
+        tt_embedding_bag_backward_fused_(
+            grad_output,
+            list(self.tt_cores),
+            self.optimizer_states(),
+            indices,
+            offsets,
+            weights,
+            *self._op_shape_args(),
+            self._pooling_mode,
+            int(self._fused_optimizer),
+            self.learning_rate,
+            self.eps,
+        )
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.num_embeddings}, {self.embedding_dim}, tt_p_shapes={self.tt_p_shapes}, "
+            f"tt_q_shapes={self.tt_q_shapes}, tt_ranks={self.tt_ranks}, mode={self.mode!r}"
+        )
+        if self.sparse:
+            s += f", sparse=True, optimizer={self.optimizer.name}, learning_rate={self.learning_rate}"
+        return s

@@ -1,0 +1,286 @@
+"""Typed wrappers, fake kernels and autograd for the TT embedding-bag ops.
+
+The wrappers are the Python API of the ops; the module
+:class:`torchrec_tt.TTEmbeddingBag` calls them. The dispatcher picks the kernel:
+C++/CUDA from ``torchrec_tt._C`` when it is loaded, the reference otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from torchrec_tt.ops import reference  # noqa: F401  (registers the default kernels)
+from torchrec_tt.ops._library import NAMESPACE
+
+__all__ = [
+    "tt_embedding_bag",
+    "tt_embedding_bag_backward",
+    "tt_embedding_bag_backward_fused_",
+    "tt_lookup_rows",
+]
+
+_ops = getattr(torch.ops, NAMESPACE)
+
+
+def tt_embedding_bag(
+    cores: list[Tensor],
+    indices: Tensor,
+    offsets: Tensor,
+    per_sample_weights: Tensor | None,
+    p_shapes: list[int],
+    q_shapes: list[int],
+    ranks: list[int],
+    num_embeddings: int,
+    pooling_mode: int = 0,
+) -> Tensor:
+    """Pooled TT embedding lookup, differentiable w.r.t. cores and weights.
+
+    Args:
+        cores (list[Tensor]): TT cores, core ``k`` of shape ``[p_k, r_k*q_k*r_{k+1}]``.
+        indices (Tensor): 1-D int32/int64 row ids in ``[0, num_embeddings)``.
+        offsets (Tensor): ``B + 1`` bag boundaries (``offsets[-1] == len(indices)``).
+        per_sample_weights (Tensor, optional): one weight per id.
+        p_shapes (list[int]): row factorisation, ``prod(p_shapes) >= num_embeddings``.
+        q_shapes (list[int]): column factorisation, ``prod(q_shapes) == D``.
+        ranks (list[int]): ``d + 1`` ranks, first and last 1.
+        num_embeddings (int): number of valid rows.
+        pooling_mode (int): 0 = sum, 1 = mean.
+
+    Returns:
+        Tensor: ``(B, D)`` pooled embeddings in the cores' dtype.
+
+    Example::
+
+        >>> cores = [torch.randn(2, 1 * 2 * 3), torch.randn(5, 3 * 2 * 1)]
+        >>> out = tt_embedding_bag(
+        ...     cores, torch.tensor([1, 9, 4]), torch.tensor([0, 2, 3]), None,
+        ...     [2, 5], [2, 2], [1, 3, 1], 10)
+        >>> out.shape
+        torch.Size([2, 4])
+    """
+    return _ops.tt_embedding_bag_forward.default(
+        cores, indices, offsets, per_sample_weights, p_shapes, q_shapes, ranks, num_embeddings, pooling_mode
+    )
+
+
+def tt_embedding_bag_backward(
+    grad_output: Tensor,
+    cores: list[Tensor],
+    indices: Tensor,
+    offsets: Tensor,
+    per_sample_weights: Tensor | None,
+    p_shapes: list[int],
+    q_shapes: list[int],
+    ranks: list[int],
+    num_embeddings: int,
+    pooling_mode: int = 0,
+) -> list[Tensor]:
+    """Gradients of a loss w.r.t. every core, given ``grad_output`` ``(B, D)``.
+
+    Args: as :func:`tt_embedding_bag`, plus ``grad_output`` (Tensor): ``(B, D)``.
+
+    Returns:
+        list[Tensor]: dense gradients, one per core, shaped like the cores.
+
+    Example::
+
+        >>> cores = [torch.randn(2, 6), torch.randn(5, 6)]
+        >>> g = tt_embedding_bag_backward(
+        ...     torch.ones(1, 4), cores, torch.tensor([3]), torch.tensor([0, 1]), None,
+        ...     [2, 5], [2, 2], [1, 3, 1], 10)
+        >>> [t.shape for t in g]
+        [torch.Size([2, 6]), torch.Size([5, 6])]
+    """
+    return _ops.tt_embedding_bag_backward.default(
+        grad_output, cores, indices, offsets, per_sample_weights, p_shapes, q_shapes, ranks, num_embeddings, pooling_mode
+    )
+
+
+def tt_embedding_bag_backward_fused_(
+    grad_output: Tensor,
+    cores: list[Tensor],
+    optimizer_state: list[Tensor],
+    indices: Tensor,
+    offsets: Tensor,
+    per_sample_weights: Tensor | None,
+    p_shapes: list[int],
+    q_shapes: list[int],
+    ranks: list[int],
+    num_embeddings: int,
+    pooling_mode: int,
+    optimizer: int,
+    learning_rate: float,
+    eps: float,
+) -> None:
+    """Backward fused with an exact optimizer step; mutates cores and state.
+
+    Args: as :func:`tt_embedding_bag_backward`, plus
+        optimizer_state (list[Tensor]): ``[]`` for SGD; per core the core's shape
+            (Adagrad) or ``(p_k,)`` (row-wise Adagrad).
+        optimizer (int): :class:`torchrec_tt.ops.FusedOptimizer`.
+        learning_rate (float): step size.
+        eps (float): Adagrad's denominator term.
+
+    Example::
+
+        >>> cores = [torch.randn(2, 6), torch.randn(5, 6)]
+        >>> tt_embedding_bag_backward_fused_(
+        ...     torch.ones(1, 4), cores, [], torch.tensor([3]), torch.tensor([0, 1]),
+        ...     None, [2, 5], [2, 2], [1, 3, 1], 10, 0, 0, 0.1, 0.0)
+    """
+    _ops.tt_embedding_bag_backward_fused_.default(
+        grad_output,
+        cores,
+        optimizer_state,
+        indices,
+        offsets,
+        per_sample_weights,
+        p_shapes,
+        q_shapes,
+        ranks,
+        num_embeddings,
+        pooling_mode,
+        optimizer,
+        learning_rate,
+        eps,
+    )
+
+
+def tt_lookup_rows(
+    cores: list[Tensor], indices: Tensor, p_shapes: list[int], q_shapes: list[int], ranks: list[int], num_embeddings: int
+) -> Tensor:
+    """Materialise the rows ``indices`` of the TT table: ``(N, D)``.
+
+    Args: as :func:`tt_embedding_bag`.
+
+    Example::
+
+        >>> cores = [torch.randn(2, 6), torch.randn(5, 6)]
+        >>> tt_lookup_rows(cores, torch.arange(10), [2, 5], [2, 2], [1, 3, 1], 10).shape
+        torch.Size([10, 4])
+    """
+    return _ops.tt_lookup_rows.default(cores, indices, p_shapes, q_shapes, ranks, num_embeddings)
+
+
+# --------------------------------------------------------------------------- fake kernels
+def _fake_checks(cores: list[Tensor], q_shapes: list[int]) -> None:
+    torch._check(len(cores) == len(q_shapes), lambda: "one q_shape per core")
+
+
+@torch.library.register_fake(f"{NAMESPACE}::tt_embedding_bag_forward")
+def _(cores, indices, offsets, per_sample_weights, p_shapes, q_shapes, ranks, num_embeddings, pooling_mode):
+    _fake_checks(cores, q_shapes)
+    return cores[0].new_empty(offsets.shape[0] - 1, math.prod(q_shapes))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::tt_embedding_bag_backward")
+def _(grad_output, cores, indices, offsets, per_sample_weights, p_shapes, q_shapes, ranks, num_embeddings, pooling_mode):
+    _fake_checks(cores, q_shapes)
+    return [torch.empty_like(c) for c in cores]
+
+
+@torch.library.register_fake(f"{NAMESPACE}::tt_embedding_bag_backward_fused_")
+def _(grad_output, cores, optimizer_state, indices, offsets, per_sample_weights, *args):
+    _fake_checks(cores, args[1])
+    return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::tt_lookup_rows")
+def _(cores, indices, p_shapes, q_shapes, ranks, num_embeddings):
+    _fake_checks(cores, q_shapes)
+    return cores[0].new_empty(indices.shape[0], math.prod(q_shapes))
+
+
+# --------------------------------------------------------------------------- autograd
+def per_sample_weights_grad(
+    grad_output: Tensor,
+    cores: list[Tensor],
+    indices: Tensor,
+    offsets: Tensor,
+    p_shapes: list[int],
+    q_shapes: list[int],
+    ranks: list[int],
+    num_embeddings: int,
+    pooling_mode: int,
+) -> Tensor:
+    """Gradient w.r.t. ``per_sample_weights``: ``<grad_output[bag(i)], row(i)>`` (/ length for mean).
+
+    Example::
+
+        >>> cores = [torch.randn(2, 6), torch.randn(5, 6)]
+        >>> per_sample_weights_grad(torch.ones(1, 4), cores, torch.tensor([3]),
+        ...     torch.tensor([0, 1]), [2, 5], [2, 2], [1, 3, 1], 10, 0).shape
+        torch.Size([1])
+    """
+    rows = tt_lookup_rows(cores, indices, p_shapes, q_shapes, ranks, num_embeddings)
+    offs = offsets.long()
+    lengths = offs[1:] - offs[:-1]
+    bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=offs.device), lengths, output_size=indices.shape[0])
+    grad = (grad_output.index_select(0, bag) * rows).sum(dim=1)
+    if pooling_mode == 1:
+        grad = grad / lengths.clamp(min=1).index_select(0, bag).to(grad.dtype)
+    return grad
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    cores, indices, offsets, per_sample_weights, p_shapes, q_shapes, ranks, num_embeddings, pooling_mode = inputs
+    ctx.save_for_backward(indices, offsets, per_sample_weights, *cores)
+    ctx.meta = (list(p_shapes), list(q_shapes), list(ranks), num_embeddings, pooling_mode)
+
+
+def _backward(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
+    indices, offsets, per_sample_weights, *cores = ctx.saved_tensors
+    p_shapes, q_shapes, ranks, num_embeddings, pooling_mode = ctx.meta
+    grad_output = grad_output.contiguous()
+    core_grads = None
+    if ctx.needs_input_grad[0]:
+        core_grads = tt_embedding_bag_backward(
+            grad_output, cores, indices, offsets, per_sample_weights, p_shapes, q_shapes, ranks, num_embeddings, pooling_mode
+        )
+    weight_grad = None
+    if per_sample_weights is not None and ctx.needs_input_grad[3]:
+        weight_grad = per_sample_weights_grad(
+            grad_output, cores, indices, offsets, p_shapes, q_shapes, ranks, num_embeddings, pooling_mode
+        ).to(per_sample_weights.dtype)
+    return core_grads, None, None, weight_grad, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    f"{NAMESPACE}::tt_embedding_bag_forward", _backward, setup_context=_setup_context
+)
+
+
+def _rows_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    cores, indices, p_shapes, q_shapes, ranks, num_embeddings = inputs
+    ctx.save_for_backward(indices, *cores)
+    ctx.meta = (list(p_shapes), list(q_shapes), list(ranks), num_embeddings)
+
+
+def _rows_backward(ctx: Any, grad_rows: Tensor) -> tuple[Any, ...]:
+    indices, *cores = ctx.saved_tensors
+    # Each row is its own bag of one id: the pooled backward gives the core gradients.
+    offsets = torch.arange(indices.shape[0] + 1, device=indices.device, dtype=indices.dtype)
+    core_grads = None
+    if ctx.needs_input_grad[0]:
+        core_grads = tt_embedding_bag_backward(grad_rows.contiguous(), cores, indices, offsets, None, *ctx.meta, 0)
+    return core_grads, None, None, None, None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::tt_lookup_rows", _rows_backward, setup_context=_rows_setup_context)
+
+
+def _no_double_backward(ctx: Any, *grads: Any) -> tuple[Any, ...]:
+    raise NotImplementedError(
+        "torchrec_tt.tt_embedding_bag_backward is not differentiable (double backward through a TT lookup is not supported)"
+    )
+
+
+def _no_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    return None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::tt_embedding_bag_backward", _no_double_backward, setup_context=_no_context)
