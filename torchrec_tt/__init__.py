@@ -15,4 +15,27 @@ from torchrec_tt.modules import OptimType, TTEmbeddingBag
 
 __version__ = "0.1.0"
 
-__all__ = ["HAS_CPP_KERNELS", "HAS_CUDA_KERNELS", "OptimType", "TTEmbeddingBag", "ops"]
+_LAZY = {
+    # need torchrec: imported on first access so that `import torchrec_tt` stays torchrec-free
+    "TTEmbeddingBagConfig": "torchrec_tt.modules.tt_embedding_configs",
+    "TTEmbeddingBagCollection": "torchrec_tt.modules.tt_embedding_modules",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "HAS_CPP_KERNELS",
+    "HAS_CUDA_KERNELS",
+    "OptimType",
+    "TTEmbeddingBag",
+    "TTEmbeddingBagCollection",
+    "TTEmbeddingBagConfig",
+    "ops",
+]

@@ -1,0 +1,124 @@
+"""Planner plugin on meta tensors: Criteo-Kaggle-sized model with TT tables at their real size."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("torchrec")
+
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig  # noqa: E402
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder  # noqa: E402
+from torchrec.distributed.planner import ParameterConstraints, Topology  # noqa: E402
+from torchrec.distributed.planner.types import PlannerError  # noqa: E402
+
+from torchrec_tt import TTEmbeddingBagCollection, TTEmbeddingBagConfig  # noqa: E402
+from torchrec_tt.distributed import TT_COMPUTE_KERNEL, TTEmbeddingBagCollectionSharder  # noqa: E402
+from torchrec_tt.distributed.planner import make_tt_planner  # noqa: E402
+
+# Criteo Kaggle (DAC) cardinalities of the 26 categorical features
+CRITEO_KAGGLE = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
+                 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
+D = 64
+GiB = 1024**3
+FUSED = {"optimizer": "exact_adagrad", "learning_rate": 0.05}
+
+
+def _criteo_tables(tt_threshold=100_000, ranks=(16, 16)):
+    tables = []
+    for i, n in enumerate(CRITEO_KAGGLE):
+        kw = {"name": f"t{i}", "num_embeddings": n, "embedding_dim": D, "feature_names": [f"c{i}"]}
+        tables.append(TTEmbeddingBagConfig(**kw, tt_ranks=list(ranks)) if n >= tt_threshold else EmbeddingBagConfig(**kw))
+    return tables
+
+
+def _tt_bytes_oracle(cfg):
+    """Cores + Adagrad state (one value per entry), written out independently."""
+    r = [1, *cfg.tt_ranks, 1]
+    entries = sum(cfg.tt_p_shapes[k] * r[k] * cfg.tt_q_shapes[k] * r[k + 1] for k in range(len(cfg.tt_p_shapes)))
+    return 2 * 4 * entries
+
+
+def _plan(model, topology, sharders, **kw):
+    planner = make_tt_planner(topology, batch_size=512, model=model, fused_params=FUSED, **kw)
+    return planner, planner.plan(model, sharders)
+
+
+def test_criteo_kaggle_plans_with_tt_tables_at_real_size():
+    tables = _criteo_tables()
+    model = TTEmbeddingBagCollection(tables, device=torch.device("meta"))
+    dense_bytes = sum(t.num_embeddings * D * 4 for t in tables)
+    assert dense_bytes > 8 * GiB  # the uncompressed model would not fit the 1 GiB per rank below
+    topology = Topology(world_size=2, compute_device="cuda", hbm_cap=1 * GiB, ddr_cap=4 * GiB)
+    planner, plan = _plan(model, topology, [TTEmbeddingBagCollectionSharder(fused_params=FUSED)])
+    module_plan = plan.plan[""]
+    assert sorted(module_plan) == sorted(t.name for t in tables)
+    for ps in module_plan.values():
+        assert ps.compute_kernel == TT_COMPUTE_KERNEL
+    # the search space charged every TT table its real bytes (cores + Adagrad state) plus I/O buffers
+    options = planner._enumerator.last_stored_search_space
+    cfgs = {t.name: t for t in tables}
+    checked = 0
+    for so in options:
+        cfg = cfgs[so.name]
+        if isinstance(cfg, TTEmbeddingBagConfig) and so.sharding_type == "table_wise":
+            storage = so.shards[0].storage.hbm
+            assert _tt_bytes_oracle(cfg) <= storage < _tt_bytes_oracle(cfg) + 64 * 1024**2, (so.name, storage)
+            checked += 1
+    assert checked == sum(isinstance(t, TTEmbeddingBagConfig) for t in tables)
+
+
+def test_mixed_tt_and_stock_model_gets_a_plan():
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            tables = _criteo_tables()
+            self.tt = TTEmbeddingBagCollection([t for t in tables if isinstance(t, TTEmbeddingBagConfig)], device="meta")
+            self.stock = EmbeddingBagCollection([t for t in tables if not isinstance(t, TTEmbeddingBagConfig)], device=torch.device("meta"))
+
+    model = Mixed()
+    topology = Topology(world_size=2, compute_device="cuda", hbm_cap=1 * GiB, ddr_cap=4 * GiB)
+    _, plan = _plan(model, topology, [TTEmbeddingBagCollectionSharder(fused_params=FUSED), EmbeddingBagCollectionSharder()])
+    assert set(plan.plan) == {"tt", "stock"}
+    assert all(ps.compute_kernel == TT_COMPUTE_KERNEL for ps in plan.plan["tt"].values())
+    assert all(ps.compute_kernel != TT_COMPUTE_KERNEL for ps in plan.plan["stock"].values())
+
+
+def test_row_wise_constraint_keeps_alignment_and_clear_errors():
+    cfg = TTEmbeddingBagConfig(name="big", num_embeddings=1_000_000, embedding_dim=D, feature_names=["f"],
+                               tt_p_shapes=[100, 100, 100], tt_ranks=[8, 8])
+    model = TTEmbeddingBagCollection([cfg], device="meta")
+    topology = Topology(world_size=4, compute_device="cuda", hbm_cap=1 * GiB)
+    _, plan = _plan(model, topology, [TTEmbeddingBagCollectionSharder()],
+                    constraints={"big": ParameterConstraints(sharding_types=["row_wise"])})
+    ps = plan.plan[""]["big"]
+    assert ps.sharding_type == "row_wise"
+    assert all(s.shard_sizes[0] % 10_000 == 0 for s in ps.sharding_spec.shards)
+    bad = TTEmbeddingBagConfig(name="odd", num_embeddings=999_000, embedding_dim=D, feature_names=["f"],
+                               tt_p_shapes=[100, 100, 100], tt_ranks=[8, 8])
+    with pytest.raises(ValueError, match="TT table 'odd'.*align_config_for_row_wise"):
+        make_tt_planner(topology, 512, model=TTEmbeddingBagCollection([bad], device="meta"),
+                        constraints={"odd": ParameterConstraints(sharding_types=["row_wise"])})
+
+
+def test_no_plan_fits_is_a_clear_error():
+    model = TTEmbeddingBagCollection(_criteo_tables(ranks=(128, 128)), device=torch.device("meta"))
+    topology = Topology(world_size=2, compute_device="cuda", hbm_cap=8 * 1024**2, ddr_cap=8 * 1024**2)
+    with pytest.raises(PlannerError, match="(?i)storage|memory|fit"):
+        _plan(model, topology, [TTEmbeddingBagCollectionSharder(fused_params=FUSED)])
+    assert math.prod([1]) == 1
+
+
+def test_sharder_rejects_unknown_or_unsupported_optimizer_up_front():
+    with pytest.raises(ValueError, match="fused_params\\['optimizer'\\].*unknown optimizer 'bogus'"):
+        TTEmbeddingBagCollectionSharder(fused_params={"optimizer": "bogus"})
+    with pytest.raises(NotImplementedError, match="LAMB"):
+        TTEmbeddingBagCollectionSharder(fused_params={"optimizer": "lamb"})
+    from torchrec_tt.distributed import resolve_table_optimizer
+
+    p = torch.nn.Parameter(torch.zeros(2, 2))
+    p._optimizer_classes, p._optimizer_kwargs = [torch.optim.SGD], [{"lr": 0.1, "momentum": 0.9}]
+    with pytest.raises(ValueError, match="TT table 't0'.*momentum"):
+        resolve_table_optimizer("t0", None, [p])

@@ -1,0 +1,297 @@
+"""Planner plugin: TT tables at their real size and cost in torchrec's ``EmbeddingShardingPlanner``.
+
+The stock estimators size a table from its logical ``N x D`` weight and reject the
+``customized_kernel`` compute kernel; torchrec >= 1.7 also ignores
+``ModuleSharder.storage_usage()``. :class:`TTStorageEstimator` and
+:class:`TTPerfEstimator` handle the sharding options of
+``TTEmbeddingBagCollection`` tables themselves and delegate every other option
+(stock ``EmbeddingBagCollection`` tables of a mixed model) to the stock
+estimators; their ``estimate(options, *args, **kwargs)`` accepts both the 1.6
+(``sharder_map``) and the 1.7+ (``sharder_data_map``) signatures.
+:func:`make_tt_planner` builds a planner with them, plus per-table constraints
+that keep row-wise / column-wise shards aligned with the TT cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from torch import nn
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+from torchrec.distributed.planner.shard_estimators import EmbeddingPerfEstimator, EmbeddingStorageEstimator
+from torchrec.distributed.planner.types import Perf, ShardEstimator, ShardingOption, Storage
+from torchrec.distributed.types import ShardingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+from torchrec_tt.distributed.tt_embeddingbag import TT_COMPUTE_KERNEL, resolve_table_optimizer
+from torchrec_tt.modules.tt_embedding_configs import tt_config_shapes
+from torchrec_tt.modules.tt_embedding_modules import TTEmbeddingBagCollection
+from torchrec_tt.modules.tt_shapes import tt_flops_per_row
+from torchrec_tt.ops import FusedOptimizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TTPerfEstimator",
+    "TTStorageEstimator",
+    "make_tt_planner",
+    "tt_parameter_constraints",
+    "tt_shard_bytes",
+]
+
+_ROW_SHARDED = (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value)
+
+
+def _tt_option(option: ShardingOption) -> tuple[TTEmbeddingBagCollection, EmbeddingBagConfig] | None:
+    module = option.module[1]
+    if not isinstance(module, TTEmbeddingBagCollection):
+        return None
+    return module, next(c for c in module.embedding_bag_configs() if c.name == option.name)
+
+
+def tt_shard_bytes(
+    config: EmbeddingBagConfig,
+    shard_rows: int,
+    shard_cols: int,
+    optimizer: FusedOptimizer | None,
+    element_size: int = 4,
+) -> int:
+    """Bytes a rank holds for a shard of a table: its cores plus fused optimizer state.
+
+    A row shard holds whole first-core slices and full inner cores; a column shard
+    a ``q_1`` slice of the first core and full inner cores. Adagrad keeps one state
+    value per core entry, row-wise Adagrad one per core slice, SGD none.
+
+    Args:
+        config (EmbeddingBagConfig): the table (plain tables are one-core TTs).
+        shard_rows (int): rows of the shard.
+        shard_cols (int): columns of the shard.
+        optimizer (FusedOptimizer, optional): the table's fused optimizer.
+        element_size (int): bytes per core entry.
+
+    Returns:
+        int: bytes.
+
+    Example::
+
+        >>> cfg = TTEmbeddingBagConfig(name="t", num_embeddings=1000, embedding_dim=8, feature_names=["f"],
+        ...                            tt_p_shapes=[10, 10, 10], tt_q_shapes=[2, 2, 2], tt_ranks=[4, 4])
+        >>> tt_shard_bytes(cfg, 1000, 8, None)
+        1920
+    """
+    p, q, r = tt_config_shapes(config)
+    p1 = min(p[0], math.ceil(shard_rows / math.prod(p[1:])))
+    q1 = max(1, shard_cols // math.prod(q[1:]))
+    local_p = [p1, *p[1:]]
+    local_q = [q1, *q[1:]]
+    entries = sum(local_p[k] * r[k] * local_q[k] * r[k + 1] for k in range(len(p)))
+    state = 0
+    if optimizer == FusedOptimizer.ADAGRAD:
+        state = entries
+    elif optimizer == FusedOptimizer.ROWWISE_ADAGRAD:
+        state = sum(local_p)
+    return (entries + state) * element_size
+
+
+class TTStorageEstimator(ShardEstimator):
+    """Storage of TT-collection shards: real core + optimizer bytes + input/output buffers.
+
+    Args:
+        topology (Topology): the planner's topology.
+        constraints (dict[str, ParameterConstraints], optional): as for the stock estimator.
+        fused_params (dict, optional): the TT sharder's ``fused_params`` (optimizer state size).
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        constraints: dict[str, ParameterConstraints] | None = None,
+        fused_params: dict[str, Any] | None = None,
+    ) -> None:
+        self._topology = topology
+        self._inner = EmbeddingStorageEstimator(topology=topology, constraints=constraints)
+        self._fused_params = fused_params
+
+    def estimate(self, sharding_options: list[ShardingOption], *args: Any, **kwargs: Any) -> None:
+        stock = [o for o in sharding_options if _tt_option(o) is None]
+        if stock:
+            self._inner.estimate(stock, *args, **kwargs)
+        for option in sharding_options:
+            found = _tt_option(option)
+            if found is None:
+                continue
+            module, config = found
+            params = list(module.embedding_bags[config.name].parameters())
+            optimizer = resolve_table_optimizer(config.name, self._fused_params, params).optimizer
+            pooling = sum(option.input_lengths) if option.input_lengths else 1.0
+            for shard in option.shards:
+                rows, cols = shard.size[0], shard.size[1]
+                weights = tt_shard_bytes(config, rows, cols, optimizer)
+                io = math.ceil(option.batch_size * pooling * 8 + option.batch_size * len(config.feature_names) * cols * 4)
+                total = weights + io
+                if self._topology.compute_device == "cuda":
+                    shard.storage = Storage(hbm=total, ddr=0)
+                else:
+                    shard.storage = Storage(hbm=0, ddr=total)
+
+
+class TTPerfEstimator(ShardEstimator):
+    """Perf of TT-collection shards: the stock estimate of a fused TBE, compute scaled by the TT FLOPs.
+
+    The communication terms are the stock ones (same dists). The compute terms are
+    multiplied by ``max(1, flops_per_row / (embedding_dim * flops_per_byte))``:
+    the TT contraction of one looked-up row costs ``tt_flops_per_row`` FLOPs where a
+    dense table reads ``4 * embedding_dim`` bytes. ``flops_per_byte`` (default 4) is a
+    heuristic machine balance for these small GEMMs; calibrate it on the target GPU.
+
+    Args:
+        topology (Topology): the planner's topology.
+        constraints (dict[str, ParameterConstraints], optional): as for the stock estimator.
+        flops_per_byte (float): FLOPs the device does in the time it streams one byte.
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        constraints: dict[str, ParameterConstraints] | None = None,
+        flops_per_byte: float = 4.0,
+    ) -> None:
+        self._inner = EmbeddingPerfEstimator(topology=topology, constraints=constraints)
+        self._flops_per_byte = flops_per_byte
+
+    def estimate(self, sharding_options: list[ShardingOption], *args: Any, **kwargs: Any) -> None:
+        tt = [o for o in sharding_options if _tt_option(o) is not None]
+        kernels = [o.compute_kernel for o in tt]
+        for o in tt:
+            o.compute_kernel = "dense" if o.sharding_type == ShardingType.DATA_PARALLEL.value else "fused"
+        try:
+            self._inner.estimate(sharding_options, *args, **kwargs)
+        finally:
+            for o, k in zip(tt, kernels, strict=True):
+                o.compute_kernel = k
+        for option in tt:
+            _, config = _tt_option(option)  # type: ignore[misc]
+            p, q, r = tt_config_shapes(config)
+            scale = max(1.0, tt_flops_per_row(q, r) / (config.embedding_dim * self._flops_per_byte))
+            for shard in option.shards:
+                perf = shard.perf
+                if perf is None:
+                    continue
+                shard.perf = Perf(
+                    fwd_compute=perf.fwd_compute * scale,
+                    fwd_comms=perf.fwd_comms,
+                    bwd_compute=perf.bwd_compute * scale,
+                    bwd_comms=perf.bwd_comms,
+                    input_dist_comms=perf.input_dist_comms,
+                    prefetch_compute=perf.prefetch_compute,
+                )
+
+
+def _aligned_cw_block(config: EmbeddingBagConfig, min_dim: int = 32) -> int | None:
+    p, q, _ = tt_config_shapes(config)
+    q_inner = math.prod(q[1:])
+    for m in range(1, q[0] + 1):
+        if q[0] % m == 0 and q_inner * m >= min(min_dim, config.embedding_dim):
+            return q_inner * m
+    return None
+
+
+def tt_parameter_constraints(
+    model: nn.Module,
+    topology: Topology,
+    constraints: dict[str, ParameterConstraints] | None = None,
+) -> dict[str, ParameterConstraints]:
+    """Constraints that keep the planner to shardings TT tables can take.
+
+    For each table of every ``TTEmbeddingBagCollection`` in ``model``: the TT compute
+    kernel; row-wise / table-row-wise only when the row block is whole first-core
+    slices for this topology; column-wise shards of whole first-core slices. User
+    constraints for a table are kept (their sharding types are intersected).
+
+    Args:
+        model (nn.Module): the model to plan.
+        topology (Topology): the planner's topology.
+        constraints (dict[str, ParameterConstraints], optional): user constraints.
+
+    Returns:
+        dict[str, ParameterConstraints]: constraints for every table.
+    """
+    out = dict(constraints or {})
+    world, local = topology.world_size, getattr(topology, "local_world_size", topology.world_size)
+    for module in model.modules():
+        if not isinstance(module, TTEmbeddingBagCollection):
+            continue
+        for config in module.embedding_bag_configs():
+            p, q, _ = tt_config_shapes(config)
+            p_inner = math.prod(p[1:])
+            allowed = [ShardingType.TABLE_WISE.value, ShardingType.DATA_PARALLEL.value]
+            if math.ceil(config.num_embeddings / world) % p_inner == 0:
+                allowed.append(ShardingType.ROW_WISE.value)
+            if local and world % local == 0 and math.ceil(config.num_embeddings / local) % p_inner == 0:
+                allowed.append(ShardingType.TABLE_ROW_WISE.value)
+            block = _aligned_cw_block(config)
+            if block is not None and block < config.embedding_dim:
+                allowed.append(ShardingType.COLUMN_WISE.value)
+            user = out.get(config.name)
+            if user is not None:
+                if user.sharding_types:
+                    allowed = [s for s in user.sharding_types if s in allowed]
+                    if not allowed:
+                        raise ValueError(
+                            f"TT table '{config.name}': none of the constrained sharding types {user.sharding_types} "
+                            "is possible (row-wise needs row blocks of whole first-core slices: see "
+                            "torchrec_tt.modules.align_config_for_row_wise)"
+                        )
+                user.sharding_types = allowed
+                user.compute_kernels = [TT_COMPUTE_KERNEL]
+                if user.min_partition is None:
+                    user.min_partition = block
+            else:
+                out[config.name] = ParameterConstraints(
+                    sharding_types=allowed, compute_kernels=[TT_COMPUTE_KERNEL], min_partition=block
+                )
+    return out
+
+
+def make_tt_planner(
+    topology: Topology,
+    batch_size: int,
+    model: nn.Module | None = None,
+    constraints: dict[str, ParameterConstraints] | None = None,
+    fused_params: dict[str, Any] | None = None,
+    flops_per_byte: float = 4.0,
+    **planner_kwargs: Any,
+) -> EmbeddingShardingPlanner:
+    """An ``EmbeddingShardingPlanner`` that charges TT tables their real bytes and compute.
+
+    Args:
+        topology (Topology): world size, device, HBM/DDR capacities.
+        batch_size (int): per-rank batch size.
+        model (nn.Module, optional): the model; when given, TT alignment constraints are added
+            (:func:`tt_parameter_constraints`).
+        constraints (dict[str, ParameterConstraints], optional): user constraints.
+        fused_params (dict, optional): the TT sharder's ``fused_params`` (optimizer state size).
+        flops_per_byte (float): see :class:`TTPerfEstimator`.
+        **planner_kwargs: passed to ``EmbeddingShardingPlanner`` (e.g. ``debug``).
+
+    Returns:
+        EmbeddingShardingPlanner: call ``.plan(model, [TTEmbeddingBagCollectionSharder(...), *stock])``.
+
+    Example::
+
+        >>> planner = make_tt_planner(Topology(world_size=2, compute_device="cuda"), batch_size=512, model=model)
+        >>> plan = planner.plan(model, [TTEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder()])
+    """
+    if model is not None:
+        constraints = tt_parameter_constraints(model, topology, constraints)
+    estimators = [
+        TTPerfEstimator(topology, constraints, flops_per_byte=flops_per_byte),
+        TTStorageEstimator(topology, constraints, fused_params=fused_params),
+    ]
+    enumerator = EmbeddingEnumerator(topology=topology, batch_size=batch_size, constraints=constraints, estimator=estimators)
+    return EmbeddingShardingPlanner(
+        topology=topology, batch_size=batch_size, enumerator=enumerator, constraints=constraints, **planner_kwargs
+    )
