@@ -43,7 +43,7 @@ def _extensions() -> tuple[list, dict]:
     )
     debug = _flag("DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = [*opt, "-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x030A0000"]
+    cxx = [*opt, "-std=c++20", "-fopenmp", "-DPy_LIMITED_API=0x030A0000"]
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
     kwargs = {
         "name": "torchrec_tt._C",
