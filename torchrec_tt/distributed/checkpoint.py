@@ -6,6 +6,10 @@ plan / world size loads under any other. These helpers add one thing to plain
 ``dcp.save`` / ``dcp.load``: before anything is read, every tensor's global shape is
 checked against the checkpoint's metadata, and a mismatch (e.g. a table with other
 TT shapes) raises an error naming the key, with the model and optimizer untouched.
+
+The model may emit ``ShardedTensor`` (default) or ``DTensor`` (``ShardingEnv(...,
+output_dtensor=True)``) state; the checkpoint does not depend on which, so a checkpoint
+saved with one loads with the other, under any plan / world size.
 """
 
 from __future__ import annotations
@@ -34,7 +38,21 @@ def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> None:
         out[prefix] = obj
 
 
+def _check_optimizer_state_is_checkpointable(model: nn.Module) -> None:
+    """Refuse, on every rank alike, optimizer state this version cannot checkpoint (see the README)."""
+    for name, module in model.named_modules():
+        tables = getattr(module, "unsaveable_optimizer_tables", None)
+        if tables:
+            raise NotImplementedError(
+                f"{name or 'model'}: the row-wise Adagrad state of column-wise table(s) {tables}, whose column "
+                "shards do not cover every rank, cannot be checkpointed yet; place their column shards on all "
+                "ranks, use EXACT_ADAGRAD / EXACT_SGD, or save without the optimizer. Nothing was saved or loaded."
+            )
+
+
 def _state(model: nn.Module, optimizer: Any | None) -> dict[str, Any]:
+    if optimizer is not None:
+        _check_optimizer_state_is_checkpointable(model)
     state: dict[str, Any] = {"model": model.state_dict()}
     if optimizer is not None:
         state["optim"] = optimizer.state_dict()

@@ -34,6 +34,14 @@ table-wise cores are plain tensors, which DCP writes once); a plain table expose
 ``embedding_bags.t.weight`` (``[N, D]``, as torchrec's EBC). Optimizer state is keyed
 ``t.cores.k.momentum1`` (Adagrad: the core's shape; row-wise Adagrad: ``[p_k]``).
 Any plan / world size can load a checkpoint written under any other.
+
+With ``ShardingEnv(..., output_dtensor=True)`` (as for torchrec's own sharded EBC) the
+sharded first cores and their optimizer state are ``DTensor`` instead of ``ShardedTensor``:
+like torchrec, on ``env.device_mesh`` with a nominal ``Shard(dim)`` placement and the real
+(possibly uneven) local pieces and their global offsets in a ``LocalShardsWrapper``, which
+is what DCP reads and writes. Replicated and table-wise cores stay plain tensors in both
+modes. Checkpoints do not record the container type: a checkpoint written with DTensor
+output loads into a ShardedTensor-output model and vice versa.
 """
 
 from __future__ import annotations
@@ -231,6 +239,47 @@ def _placement(rank: int, device: torch.device) -> str:
     return f"rank:{rank}/cuda:{rank}" if device.type == "cuda" else f"rank:{rank}/{device.type}"
 
 
+def _dtensor_api() -> tuple[type, type, type, type]:
+    """``(DTensor, Shard, Replicate, LocalShardsWrapper)`` of this torch / torchrec.
+
+    torchrec's ``LocalShardsWrapper`` (``torchrec.distributed.shards_wrapper``, present in
+    1.6.1 .. 1.8.0) is preferred: ``KeyedOptimizer.load_state_dict`` recognises that class.
+    """
+    try:
+        from torch.distributed.tensor import DTensor, Replicate
+        from torch.distributed.tensor import Shard as DShard
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import DTensor, Replicate  # type: ignore[no-redef]
+        from torch.distributed._tensor import Shard as DShard  # type: ignore[no-redef]
+    try:
+        from torchrec.distributed.shards_wrapper import LocalShardsWrapper
+    except ImportError:
+        try:
+            from torch.distributed.tensor._shards_wrapper import LocalShardsWrapper  # type: ignore[no-redef]
+        except ImportError as e:
+            raise NotImplementedError(
+                "ShardingEnv(output_dtensor=True) needs LocalShardsWrapper (torchrec.distributed.shards_wrapper or "
+                "torch.distributed.tensor._shards_wrapper), which this torch / torchrec lacks; use output_dtensor=False"
+            ) from e
+    return DTensor, DShard, Replicate, LocalShardsWrapper
+
+
+def _is_dtensor(value: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
+    return isinstance(value, DTensor)
+
+
+def _local_shards_of(value: Any) -> tuple[list[Tensor], list[tuple[int, ...]]] | None:
+    """Local pieces and global offsets of a DTensor built on a ``LocalShardsWrapper`` (else ``None``)."""
+    local = value._local_tensor
+    if not (hasattr(local, "local_shards") and hasattr(local, "local_offsets")):
+        return None
+    return list(local.local_shards()), [tuple(int(o) for o in off) for off in local.local_offsets()]
+
+
 class TTFusedOptimizer(FusedOptimizer):
     """Keyed view of the fused optimizers of the local TT shards (the update runs in backward).
 
@@ -348,12 +397,28 @@ class ShardedTTEmbeddingBagCollection(
         self._anchor = torch.zeros((), device=self._device, requires_grad=True)
         self._sync_replicated_cores()
         self._ckpt = self._build_checkpoint_entries()
+        self._output_dtensor = self._check_output_dtensor(env)
         self._ckpt_tensors: dict[str, Any] = {}
         self._optim_state_tensors: dict[str, dict[str, Any]] = {}
         self._build_checkpoint_tensors()
         self._optim = self._build_fused_optimizer()
         self._register_state_dict_hook(ShardedTTEmbeddingBagCollection._state_dict_hook)
         self._register_load_state_dict_pre_hook(self._load_state_dict_pre_hook, with_module=False)
+
+    @property
+    def unsaveable_optimizer_tables(self) -> list[str]:
+        """Column-wise tables with row-wise Adagrad whose shards miss some rank (state not checkpointable)."""
+        names = []
+        for c in self._configs:
+            ps = self._plan[c.name]
+            if ps.sharding_type != ShardingType.COLUMN_WISE.value:
+                continue
+            if self._table_optim[c.name].optimizer != FusedOptimizerKind.ROWWISE_ADAGRAD:
+                continue
+            ranks = {md.placement.rank() for md in ps.sharding_spec.shards} if ps.sharding_spec is not None else set()
+            if ranks != set(range(self._env.world_size)):
+                names.append(c.name)
+        return names
 
     # ------------------------------------------------------------------ validation
     def _tables_of(self, sharding_type: str) -> list[str]:
@@ -608,6 +673,60 @@ class ShardedTTEmbeddingBagCollection(
             return tensor
         return internal_to_canonical(tensor, shard.ranks[k], shard.q[k], shard.ranks[k + 1])
 
+    @staticmethod
+    def _check_output_dtensor(env: ShardingEnv) -> bool:
+        """``env.output_dtensor`` (torchrec's switch, in ShardingEnv since before 1.6.1), validated."""
+        if not getattr(env, "output_dtensor", False):
+            return False
+        if getattr(env, "device_mesh", None) is None:
+            raise ValueError(
+                "ShardedTTEmbeddingBagCollection: ShardingEnv(output_dtensor=True) has no device_mesh (it needs a "
+                "process group); build it with ShardingEnv(world_size, rank, pg, output_dtensor=True)"
+            )
+        _dtensor_api()  # fail now, with a clear error, if this torch / torchrec lacks the pieces
+        return True
+
+    def _shard_dim(self, config: EmbeddingBagConfig) -> int:
+        """The dimension that the shards of a sharded first core (or plain table) split."""
+        cw = self._plan[config.name].sharding_type == ShardingType.COLUMN_WISE.value
+        return (2 if cw else 1) if is_tt_config(config) else (1 if cw else 0)
+
+    def _make_dtensor(
+        self, local: Tensor | None, metas: list[ShardMetadata], shape: tuple[int, ...], dim: int
+    ) -> Any:
+        """DTensor twin of :meth:`_make_sharded`, built as torchrec builds its own (``LocalShardsWrapper``).
+
+        The placement ``Shard(dim)`` on ``env.device_mesh`` is nominal (shards may be uneven, on a
+        subset of the ranks, or absent); the local piece (a view of the parameter, so that
+        ``dcp.load`` writes in place) and its global offsets are in the wrapper, which DCP uses.
+        """
+        DTensor, DShard, Replicate, LocalShardsWrapper = _dtensor_api()
+        me = self._env.rank
+        mine = [m for m in metas if m.placement.rank() == me] if local is not None else []
+        wrapper = LocalShardsWrapper(
+            local_shards=[local] if mine else [], local_offsets=[tuple(mine[0].shard_offsets)] if mine else []
+        )
+        mesh = self._env.device_mesh
+        placements = (Replicate(),) * (mesh.ndim - 1) + (DShard(dim),)
+        stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+        out = DTensor.from_local(
+            wrapper, device_mesh=mesh, placements=placements, shape=torch.Size(shape), stride=stride, run_check=False
+        )
+        if not mine:
+            # An empty LocalShardsWrapper advertises one 2-D [0, 0] chunk, which DCP's resharding
+            # indexes against the saved chunks' dims (IndexError for 1-D optimizer state); it
+            # holds nothing, so advertise no chunk (from_local wrapped a copy: patch that one).
+            out._local_tensor._storage_meta.chunks = []
+        return out
+
+    def _make_distributed(
+        self, local: Tensor | None, metas: list[ShardMetadata], shape: tuple[int, ...], dim: int
+    ) -> Any:
+        """A ShardedTensor, or a DTensor when the env asks for DTensor output."""
+        if self._output_dtensor:
+            return self._make_dtensor(local, metas, shape, dim)
+        return self._make_sharded(local, metas, shape)
+
     def _make_sharded(self, local: Tensor | None, metas: list[ShardMetadata], shape: tuple[int, ...]) -> ShardedTensor:
         me = self._env.rank
         shards = [Shard(tensor=local, metadata=m) for m in metas if m.placement.rank() == me and local is not None]
@@ -641,11 +760,18 @@ class ShardedTTEmbeddingBagCollection(
                     st = getattr(shard, f"optimizer_state_{k}")
                     state_local = self._canonical_local(shard, k, st) if opt == FusedOptimizerKind.ADAGRAD else st
                 if entry.sharded:
-                    self._ckpt_tensors[key] = self._make_sharded(local, entry.shards, entry.global_shape)
+                    dim = self._shard_dim(c)
+                    self._ckpt_tensors[key] = self._make_distributed(local, entry.shards, entry.global_shape, dim)
                     if opt == FusedOptimizerKind.ADAGRAD:
-                        self._optim_state_tensors[key] = {state_name: self._make_sharded(state_local, entry.shards, entry.global_shape)}
+                        self._optim_state_tensors[key] = {
+                            state_name: self._make_distributed(state_local, entry.shards, entry.global_shape, dim)
+                        }
                     elif opt == FusedOptimizerKind.ROWWISE_ADAGRAD:
-                        self._optim_state_tensors[key] = {state_name: self._rowwise_state_tensor(c, entry, state_local)}
+                        rowwise = self._rowwise_state_tensor(c, entry, state_local)
+                        # Column-wise: the state is replicated on the ranks that hold a column shard; the others
+                        # have no entry (a None would break DCP's save plan).
+                        if rowwise is not None:
+                            self._optim_state_tensors[key] = {state_name: rowwise}
                 elif shard is not None:
                     self._ckpt_tensors[key] = local
                     if state_local is not None:
@@ -659,7 +785,7 @@ class ShardedTTEmbeddingBagCollection(
         metas = [
             ShardMetadata([m.shard_offsets[dim]], [m.shard_sizes[dim]], str(m.placement)) for m in entry.shards
         ]
-        return self._make_sharded(local, metas, (entry.global_shape[dim],))
+        return self._make_distributed(local, metas, (entry.global_shape[dim],), 0)
 
     def _build_fused_optimizer(self) -> KeyedOptimizer:
         fused = {c.name for c in self._configs if self._table_optim[c.name].optimizer is not None}
@@ -712,6 +838,9 @@ class ShardedTTEmbeddingBagCollection(
                         f"{tuple(value.shape)}, table '{c.name}' expects {entry.global_shape} "
                         f"(tt_p_shapes/tt_q_shapes/tt_ranks = {tt_config_shapes(c)}); nothing was loaded"
                     )
+                if _is_dtensor(value) and _local_shards_of(value) is None:
+                    # a regular DTensor: gather it on every rank (a collective), also on ranks without a shard
+                    value = value.full_tensor()
                 shard = shard_of.get(c.name)
                 if shard is None:
                     continue
@@ -730,22 +859,27 @@ class ShardedTTEmbeddingBagCollection(
 
     def _local_piece(self, value: Any, shard: TTLocalShard, k: int, entry: _CkptEntry, key: str) -> Tensor:
         """This rank's part of a checkpoint tensor (ShardedTensor, DTensor or full tensor)."""
+        pieces: list[tuple[Tensor, list[int], list[int]]] | None = None
         if isinstance(value, ShardedTensor):
-            mine = list(value.local_shards())
+            kind = "ShardedTensor"
+            pieces = [
+                (s.tensor, list(s.metadata.shard_offsets), list(s.metadata.shard_sizes)) for s in value.local_shards()
+            ]
+        elif _is_dtensor(value) and (local := _local_shards_of(value)) is not None:
+            kind = "DTensor (LocalShardsWrapper)"
+            pieces = [(t, list(off), list(t.shape)) for t, off in zip(*local, strict=True)]
+        if pieces is not None:
             want = [m for m in entry.shards if m.placement.rank() == self._env.rank] if entry.sharded else None
-            if len(mine) == 1 and (
-                want is None and list(mine[0].metadata.shard_sizes) == list(entry.global_shape)
-                or want and list(mine[0].metadata.shard_offsets) == list(want[0].shard_offsets)
-                and list(mine[0].metadata.shard_sizes) == list(want[0].shard_sizes)
+            if len(pieces) == 1 and (
+                want is None and pieces[0][2] == list(entry.global_shape) and not any(pieces[0][1])
+                or want and pieces[0][1] == list(want[0].shard_offsets) and pieces[0][2] == list(want[0].shard_sizes)
             ):
-                return mine[0].tensor
+                return pieces[0][0]
             raise RuntimeError(
-                f"ShardedTTEmbeddingBagCollection: {key} is a ShardedTensor laid out for another plan; load it with "
-                "torch.distributed.checkpoint into this module's own state_dict() first"
+                f"ShardedTTEmbeddingBagCollection: {key} is a {kind} laid out for another plan; load it with "
+                "torch.distributed.checkpoint into this module's own state_dict() first; nothing was loaded"
             )
-        if hasattr(value, "full_tensor"):  # DTensor
-            value = value.full_tensor()
-        full = value
+        full = value  # a plain tensor (regular DTensors were gathered by the caller)
         if entry.sharded:
             idx = tuple(slice(o, o + n) for o, n in zip(self._my_meta(entry).shard_offsets, self._my_meta(entry).shard_sizes, strict=True))
             return full[idx]
