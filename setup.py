@@ -56,7 +56,12 @@ def _extensions() -> tuple[list, dict]:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         sources += sorted(glob.glob("csrc/**/*.cu", recursive=True))
         kwargs["extra_compile_args"]["cxx"].append("-DTORCHREC_TT_WITH_CUDA")
-        kwargs["extra_compile_args"]["nvcc"] = [*opt, "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-DTORCHREC_TT_WITH_CUDA"]
+        nvcc = [*opt, "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-DTORCHREC_TT_WITH_CUDA"]
+        # One host compiler for every object: nvcc's default g++ and $CXX can ship different libstdc++
+        # headers, and mixing them in one .so crashed std::ostream code (seen on the GPU image).
+        if os.environ.get("CXX"):
+            nvcc += ["-ccbin", os.environ["CXX"]]
+        kwargs["extra_compile_args"]["nvcc"] = nvcc
         ext = CUDAExtension(sources=sources, **kwargs)
     else:
         ext = CppExtension(sources=sources, **kwargs)

@@ -218,10 +218,13 @@ inline void check_optimizer_state(
     const at::Tensor& state = optimizer_state[k];
     const bool shape_ok = adagrad ? state.sizes() == core.sizes()
                                   : (state.dim() == 1 && state.size(0) == core.size(0));
+    if (shape_ok && state.device() == core.device() && state.is_floating_point()) {
+      continue;  // the message below is only built for a failing check
+    }
     const std::string expected =
         adagrad ? detail::py_tuple(core.sizes()) : detail::py_tuple({core.size(0)});
     TORCH_CHECK_VALUE(
-        shape_ok && state.device() == core.device() && state.is_floating_point(), op,
+        false, op,
         ": optimizer_state[", k, "] must be a floating tensor of shape ", expected, " on ", core.device(),
         ", got ", detail::py_dtype(state.scalar_type()), " ", detail::py_tuple(state.sizes()), " on ",
         state.device());

@@ -1,0 +1,1523 @@
+// CUDA kernels of the TT embedding-bag ops (namespace ``torchrec_tt``):
+//   tt_embedding_bag_forward, tt_embedding_bag_backward,
+//   tt_embedding_bag_backward_fused_, tt_lookup_rows.
+// The math is specified by torchrec_tt/ops/reference.py; the schemas live in
+// torchrec_tt/ops/_library.py; shape checks are shared with the CPU kernels
+// (torchrec_tt/tt_checks.h). benchmarks/NOTES.md has the design and numbers.
+//
+// Pipeline (every op; no host synchronisation, CUDA-graph capturable):
+//   1. prep:   validate ids / offsets on the device (CUDA_KERNEL_ASSERT: a bad id
+//              or malformed offsets abort the kernel with a device-side assert),
+//              map every id to a sort key (prefix digits, then the last digit).
+//   2. sort:   cub radix sort of (key, position): stable, so duplicates keep their
+//              input order (deterministic sums).
+//   3. index:  one inclusive scan marks "items" (runs of equal prefix
+//              (i_0..i_{d-2}), split every kItemChunk positions) and "urows"
+//              (runs of equal id inside an item). Buffers are sized for the worst
+//              case, kernels read the counts on the device.
+//   4. items:  one block per few items computes the prefix product
+//              P = G_0[i_0]...G_{d-2}[i_{d-2}] once (prefix reuse), with the core
+//              slices staged in shared memory and kept while consecutive items
+//              share them; then every unique row of the item (dedup):
+//              forward  row = P G_{d-1}[i_{d-1}]              -> row buffer
+//              backward g = sum of its (scaled) output grads; X = P^T g (grad of
+//              the last core slice), Y += g G_{d-1}^T, then back-propagates Y
+//              through the prefix chain (dT_k) and stores per-item factors.
+//   5. forward: pooling per bag in input order (sum / mean / weights).
+//      backward: per core, items sorted by that core's digit (one more radix
+//              sort; the item order already groups core d-2), then a chunked
+//              segmented reduction sums T_{k-1}^T dT_k (or X) per unique slice in
+//              a fixed order and finalises it once: write the gradient, or apply
+//              SGD / Adagrad / row-wise Adagrad in place (only touched slices).
+// No float atomics anywhere: same inputs give the same bits.
+// The forward leaves its sorted batch for the backward of the same tensors (step 1-3
+// done once per training step). Environment: TORCHREC_TT_CUDA_FAST=0 (generic kernels
+// only), TORCHREC_TT_CUDA_REUSE=0 (no forward -> backward reuse).
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_scan.cuh>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <atomic>
+#include <climits>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#include "torchrec_tt/tt_checks.h"
+#include "tt_cuda_common.cuh"
+#include "tt_cuda_fast.cuh"
+
+namespace torchrec_tt {
+namespace {
+
+using namespace cuda_detail;
+
+// Sorted positions per item at most (a long run of one prefix is split).
+constexpr int kItemChunk = 64;
+// Unique rows handled together in one batched small GEMM.
+constexpr int kNU = 8;
+// Items staged together in the slice-gradient reduction.
+constexpr int kNI = 8;
+// Sorted items per block of the slice-gradient reduction.
+constexpr int kReduceChunk = 32;
+// Items per block of the item kernels.
+constexpr int kItemsPerBlock = 4;
+
+// ------------------------------------------------------------------ kernels
+
+__device__ __forceinline__ void heads_at(
+    const uint64_t* __restrict__ skeys, int64_t i, uint64_t pl, bool& item_head, bool& urow_head) {
+  const uint64_t key = skeys[i];
+  item_head = (i == 0) || (i % kItemChunk == 0);
+  urow_head = item_head;
+  if (i > 0) {
+    const uint64_t prev = skeys[i - 1];
+    item_head = item_head || (prev / pl != key / pl);
+    urow_head = item_head || prev != key;
+  }
+}
+
+template <typename index_t>
+__global__ void tt_prep_kernel(
+    const index_t* __restrict__ indices,
+    int64_t nnz,
+    const int64_t* __restrict__ offsets,
+    int64_t num_bags,
+    const TTDims t,
+    uint64_t* __restrict__ keys,
+    int32_t* __restrict__ vals) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < nnz) {
+    const int64_t id = static_cast<int64_t>(indices[i]);
+    CUDA_KERNEL_ASSERT_MSG(
+        id >= 0 && id < t.num_embeddings, "torchrec_tt: an index is out of range [0, num_embeddings)");
+    keys[i] = row_key(id, t);
+    vals[i] = static_cast<int32_t>(i);
+  }
+  if (offsets != nullptr && i <= num_bags) {
+    const int64_t o = offsets[i];
+    if (i == 0) {
+      CUDA_KERNEL_ASSERT_MSG(o == 0, "torchrec_tt: offsets[0] must be 0");
+    }
+    if (i == num_bags) {
+      CUDA_KERNEL_ASSERT_MSG(o == nnz, "torchrec_tt: offsets[-1] must equal indices.numel()");
+    } else {
+      CUDA_KERNEL_ASSERT_MSG(o <= offsets[i + 1], "torchrec_tt: offsets must be non-decreasing");
+    }
+  }
+}
+
+__global__ void tt_flags_kernel(const uint64_t* __restrict__ skeys, int64_t nnz, uint64_t pl, int64_t* __restrict__ flags) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= nnz) return;
+  bool ih, uh;
+  heads_at(skeys, i, pl, ih, uh);
+  flags[i] = (static_cast<int64_t>(ih) << 32) | static_cast<int64_t>(uh);
+}
+
+template <typename acc_t>
+struct IndexArgs {
+  const uint64_t* skeys;
+  const int32_t* svals;
+  const int64_t* scan;
+  int64_t nnz;
+  uint64_t pl;
+  int32_t* item_start;  // [max_items + 1]
+  int32_t* item_urow;   // [max_items + 1]
+  int32_t* urow_start;  // [max_urows + 1]
+  int32_t* counts;      // [2]: items, urows
+  int32_t* posmap;      // [nnz] input position -> urow (or null)
+  // backward: bag and scale of every sorted position (or null)
+  const int64_t* offsets;
+  int64_t num_bags;
+  const acc_t* psw;
+  int mean;
+  int32_t* sbag;
+  acc_t* sscale;
+  // digits of every item (prefix cores) and of every unique row (last core)
+  TTDims t;
+  int32_t* item_dig[kMaxCores];
+  int32_t* urow_dig;
+};
+
+template <typename acc_t>
+__global__ void tt_index_kernel(const IndexArgs<acc_t> a) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= a.nnz) return;
+  bool ih, uh;
+  heads_at(a.skeys, i, a.pl, ih, uh);
+  const int64_t sc = a.scan[i];
+  const int32_t item = static_cast<int32_t>(sc >> 32) - 1;
+  const int32_t urow = static_cast<int32_t>(sc & 0xffffffffLL) - 1;
+  if (ih) {
+    a.item_start[item] = static_cast<int32_t>(i);
+    a.item_urow[item] = urow;
+    const uint64_t pre = a.skeys[i] / a.pl;
+    for (int k = 0; k < a.t.d - 1; ++k) a.item_dig[k][item] = prefix_digit(pre, k, a.t);
+  }
+  if (uh) {
+    a.urow_start[urow] = static_cast<int32_t>(i);
+    a.urow_dig[urow] = static_cast<int32_t>(a.skeys[i] % a.pl);
+  }
+  if (i == a.nnz - 1) {
+    a.counts[0] = item + 1;
+    a.counts[1] = urow + 1;
+    a.item_start[item + 1] = static_cast<int32_t>(a.nnz);
+    a.item_urow[item + 1] = urow + 1;
+    a.urow_start[urow + 1] = static_cast<int32_t>(a.nnz);
+  }
+  const int32_t l = a.svals[i];
+  if (a.posmap != nullptr) a.posmap[l] = urow;
+  if (a.sbag != nullptr) {
+    int64_t lo = 0, hi = a.num_bags;  // offsets[lo] <= l < offsets[hi]
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) >> 1;
+      if (a.offsets[mid] <= l) {
+        lo = mid;
+      } else {
+        hi = mid;
+      }
+    }
+    acc_t scale = a.psw != nullptr ? a.psw[l] : acc_t(1);
+    if (a.mean) scale = scale * (acc_t(1) / static_cast<acc_t>(a.offsets[lo + 1] - a.offsets[lo]));
+    a.sbag[i] = static_cast<int32_t>(lo);
+    a.sscale[i] = scale;
+  }
+}
+
+// Shared-memory plan of the item kernels (offsets in acc_t elements).
+struct ItemSmem {
+  int stage[kMaxCores];   // staged slice of prefix core k: (r_k x n_k)
+  int stageT[kMaxCores];  // its transpose (n_k x r_k), backward, k >= 1
+  int t0, t1;             // ping-pong buffers of the chain
+  int ones;               // T_{-1} = [1]
+  int rs, rst;            // last-core slices of kNU rows: (r x q*kNU) and transposed
+  int gs;                 // row gradients: (Q x q*kNU)
+  int cs;                 // GEMM output
+  int y;                  // grad of P: (Q x r)
+  int scratch;
+  int ldr;                // q_last * kNU
+};
+
+template <typename scalar_t, typename acc_t>
+struct ItemArgs {
+  TTDims t;
+  const scalar_t* cores[kMaxCores];
+  const uint64_t* skeys;
+  const int32_t* item_start;
+  const int32_t* item_urow;
+  const int32_t* urow_start;
+  const int32_t* counts;
+  const int32_t* item_dig[kMaxCores];  // prefix digits of each item
+  const int32_t* urow_dig;             // last digit of each unique row
+  acc_t* rowbuf;            // forward: [max_urows, D]
+  const acc_t* grad_out;    // backward: [B, D]
+  const int32_t* sbag;
+  const acc_t* sscale;
+  acc_t* xbuf;              // [max_urows, r_{d-1} q_{d-1}]
+  acc_t* tbuf[kMaxCores];   // core k >= 1: T_{k-1} per item, [max_items, Q_k r_k]
+  acc_t* dtbuf[kMaxCores];  // core k < d-1: dT_k per item, [max_items, Q_k n_k]
+  ItemSmem sm;
+};
+
+template <typename scalar_t, typename acc_t, bool BWD>
+__global__ void __launch_bounds__(kThreads) tt_item_kernel(const ItemArgs<scalar_t, acc_t> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
+  const TTDims& t = a.t;
+  const int tid = threadIdx.x;
+  const int L = t.d - 1;
+  const int nitems = a.counts[0];
+  const int it0 = blockIdx.x * kItemsPerBlock;
+  if (it0 >= nitems) return;
+  const int it1 = min(it0 + kItemsPerBlock, nitems);
+  const int Qm = t.Q[L], rl = t.r[L], ql = t.q[L], Sx = t.S[L], D = t.D;
+  const int ldr = a.sm.ldr;
+  acc_t* const scratch = sm + a.sm.scratch;
+  acc_t* const ones = sm + a.sm.ones;
+  acc_t* const rs = sm + a.sm.rs;
+  acc_t* const rst = sm + a.sm.rst;
+  acc_t* const gs = sm + a.sm.gs;
+  acc_t* const cs = sm + a.sm.cs;
+  acc_t* const y = sm + a.sm.y;
+  acc_t* const t0 = sm + a.sm.t0;
+  acc_t* const t1 = sm + a.sm.t1;
+  if (tid == 0) ones[0] = acc_t(1);
+  int staged[kMaxCores];
+#pragma unroll
+  for (int k = 0; k < kMaxCores; ++k) staged[k] = -1;
+
+  for (int it = it0; it < it1; ++it) {
+    // (Re)stage the prefix-core slices this item needs; consecutive items share most.
+    bool need = false;
+#pragma unroll
+    for (int k = 0; k < kMaxCores; ++k) {
+      if (k < L && a.item_dig[k][it] != staged[k]) need = true;
+    }
+    if (need) {
+      __syncthreads();
+#pragma unroll
+      for (int k = 0; k < kMaxCores; ++k) {
+        if (k < L) {
+          const int dig = a.item_dig[k][it];
+          if (dig != staged[k]) {
+            const int S = t.S[k], nk = t.n[k], rk = t.r[k];
+            const scalar_t* src = a.cores[k] + static_cast<int64_t>(dig) * S;
+            acc_t* dst = sm + a.sm.stage[k];
+            acc_t* dstT = sm + a.sm.stageT[k];
+#pragma unroll 4
+            for (int e = tid; e < S; e += kThreads) {
+              const acc_t v = static_cast<acc_t>(src[e]);
+              dst[e] = v;
+              if (BWD && k >= 1) {
+                const int ra = e / nk, c = e - ra * nk;
+                dstT[c * rk + ra] = v;
+              }
+            }
+            staged[k] = dig;
+          }
+        }
+      }
+    }
+    __syncthreads();
+
+    // Prefix chain: P = T_{d-2} (Qm x rl).
+    const acc_t* T = ones;
+    if (L >= 1) {
+      T = sm + a.sm.stage[0];
+      for (int k = 1; k < L; ++k) {
+        if (BWD) {
+          const int sz = t.Q[k] * t.r[k];
+          acc_t* dst = a.tbuf[k] + static_cast<int64_t>(it) * sz;
+          for (int e = tid; e < sz; e += kThreads) dst[e] = T[e];
+        }
+        acc_t* out = (T == t0) ? t1 : t0;
+        block_gemm<acc_t>(t.Q[k], t.n[k], t.r[k], T, t.r[k], 1, sm + a.sm.stage[k], t.n[k], out, t.n[k], false, scratch);
+        T = out;
+      }
+    }
+    if (BWD) {
+      for (int e = tid; e < Qm * rl; e += kThreads) y[e] = acc_t(0);
+    }
+
+    // The unique rows of the item, kNU at a time.
+    const int u0 = a.item_urow[it], u1 = a.item_urow[it + 1];
+    for (int ub = u0; ub < u1; ub += kNU) {
+      const int nb = min(kNU, u1 - ub);
+      for (int e = tid; e < nb * Sx; e += kThreads) {
+        const int u = e / Sx, rem = e - u * Sx;
+        const int b = rem / ql, j = rem - b * ql;
+        const int64_t il = a.urow_dig[ub + u];
+        const acc_t v = static_cast<acc_t>(a.cores[L][il * Sx + rem]);
+        rs[b * ldr + u * ql + j] = v;
+        if (BWD) rst[(u * ql + j) * rl + b] = v;
+      }
+      if (BWD) {
+        for (int e = tid; e < nb * D; e += kThreads) {
+          const int u = e / D, ee = e - u * D;
+          const int m = ee / ql, j = ee - m * ql;
+          const int i0 = a.urow_start[ub + u], i1 = a.urow_start[ub + u + 1];
+          acc_t s = acc_t(0);
+          for (int i = i0; i < i1; ++i) {
+            s += a.sscale[i] * a.grad_out[static_cast<int64_t>(a.sbag[i]) * D + ee];
+          }
+          gs[m * ldr + u * ql + j] = s;
+        }
+      }
+      __syncthreads();
+      if (!BWD) {
+        block_gemm<acc_t>(Qm, ql * nb, rl, T, rl, 1, rs, ldr, cs, ldr, false, scratch);
+        for (int e = tid; e < nb * D; e += kThreads) {
+          const int u = e / D, ee = e - u * D;
+          const int m = ee / ql, j = ee - m * ql;
+          a.rowbuf[static_cast<int64_t>(ub + u) * D + ee] = cs[m * ldr + u * ql + j];
+        }
+      } else {
+        // X_u = P^T g_u: gradient of the last-core slice of this row.
+        block_gemm<acc_t>(rl, ql * nb, Qm, T, 1, rl, gs, ldr, cs, ldr, false, scratch);
+        for (int e = tid; e < nb * Sx; e += kThreads) {
+          const int u = e / Sx, rem = e - u * Sx;
+          const int b = rem / ql, j = rem - b * ql;
+          a.xbuf[static_cast<int64_t>(ub + u) * Sx + rem] = cs[b * ldr + u * ql + j];
+        }
+        // Y += g_u R_u^T: gradient of P.
+        if (L >= 1) block_gemm<acc_t>(Qm, rl, ql * nb, gs, ldr, 1, rst, rl, y, rl, true, scratch);
+      }
+      __syncthreads();
+    }
+
+    if (BWD && L >= 1) {
+      // Back-propagate through the chain: dT_{k-1} = dT_k A_k^T; store dT_k per item.
+      const acc_t* dT = y;
+      for (int k = L - 1; k >= 0; --k) {
+        const int sz = t.Q[k] * t.n[k];
+        acc_t* dst = a.dtbuf[k] + static_cast<int64_t>(it) * sz;
+        for (int e = tid; e < sz; e += kThreads) dst[e] = dT[e];
+        if (k >= 1) {
+          acc_t* out = (dT == t0) ? t1 : t0;
+          block_gemm<acc_t>(t.Q[k], t.r[k], t.n[k], dT, t.n[k], 1, sm + a.sm.stageT[k], t.r[k], out, t.r[k], false, scratch);
+          dT = out;
+        }
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void tt_pool_kernel(
+    const acc_t* __restrict__ rowbuf,
+    const int32_t* __restrict__ posmap,
+    const int64_t* __restrict__ offsets,
+    int64_t num_bags,
+    int D,
+    const acc_t* __restrict__ psw,
+    int mean,
+    scalar_t* __restrict__ out) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (b >= num_bags) return;
+  const int64_t o0 = offsets[b], o1 = offsets[b + 1];
+  for (int e = threadIdx.x; e < D; e += blockDim.x) {
+    acc_t s = acc_t(0);
+    for (int64_t l = o0; l < o1; ++l) {
+      const acc_t w = psw != nullptr ? psw[l] : acc_t(1);
+      s += w * rowbuf[static_cast<int64_t>(posmap[l]) * D + e];
+    }
+    if (mean && o1 > o0) s = s * (acc_t(1) / static_cast<acc_t>(o1 - o0));
+    out[b * D + e] = static_cast<scalar_t>(s);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void tt_gather_kernel(
+    const acc_t* __restrict__ rowbuf, const int32_t* __restrict__ posmap, int64_t nnz, int D, scalar_t* __restrict__ out) {
+  const int64_t l = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (l >= nnz) return;
+  const int64_t src = static_cast<int64_t>(posmap[l]) * D;
+  for (int e = threadIdx.x; e < D; e += blockDim.x) out[l * D + e] = static_cast<scalar_t>(rowbuf[src + e]);
+}
+
+struct DigitArgs {
+  TTDims t;
+  const uint64_t* skeys;
+  const int32_t* item_start;
+  const int32_t* urow_start;
+  const int32_t* counts;
+  int64_t max_items;
+  int64_t max_urows;
+  int32_t* keys[kMaxCores];  // per core: digit of each item (urow for the last core), sentinel p_k past the count
+  int32_t* iota;
+};
+
+__global__ void tt_digits_kernel(const DigitArgs a) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const TTDims& t = a.t;
+  const int L = t.d - 1;
+  const uint64_t pl = static_cast<uint64_t>(t.p[L]);
+  if (i < a.max_items || i < a.max_urows) a.iota[i] = static_cast<int32_t>(i);
+  if (i < a.max_items && L >= 1) {
+    const bool valid = i < a.counts[0];
+    const uint64_t pre = valid ? a.skeys[a.item_start[i]] / pl : 0;
+    for (int k = 0; k < L; ++k) a.keys[k][i] = valid ? prefix_digit(pre, k, t) : t.p[k];
+  }
+  if (i < a.max_urows) {
+    a.keys[L][i] = i < a.counts[1] ? static_cast<int32_t>(a.skeys[a.urow_start[i]] % pl) : t.p[L];
+  }
+}
+
+enum FinalMode : int { kWriteGrad = 0, kSGD = 1, kAdagrad = 2, kRowwiseAdagrad = 3 };
+
+template <typename scalar_t, typename acc_t>
+struct ReduceArgs {
+  int S, rk, nk, Q;
+  int has_T;                // sum of T_{k-1}^T dT_k (else a plain sum of dT rows of S)
+  const int32_t* count;     // device count of items
+  const int32_t* digits;    // digit per sorted item
+  const int32_t* perm;      // sorted position -> item (null: identity)
+  const acc_t* tbuf;
+  const acc_t* dtbuf;
+  acc_t* pf;                // per chunk: partial of a run begun in an earlier chunk
+  acc_t* pl;                // per chunk: partial of a run that goes on in later chunks
+  int mode;
+  scalar_t* grad;
+  scalar_t* core;
+  void* state;
+  int state_dtype;
+  acc_t lr, eps;
+  int sm_acc, sm_ts, sm_dts, sm_scratch, sm_red;
+};
+
+// The slice `dg` of the core gets its gradient g (S values in shared memory), once.
+template <typename scalar_t, typename acc_t>
+__device__ void finalize_slice(const ReduceArgs<scalar_t, acc_t>& a, int dg, const acc_t* g, acc_t* red) {
+  const int tid = threadIdx.x;
+  const int64_t base = static_cast<int64_t>(dg) * a.S;
+  if (a.mode == kWriteGrad) {
+    for (int e = tid; e < a.S; e += kThreads) a.grad[base + e] = static_cast<scalar_t>(g[e]);
+  } else if (a.mode == kSGD) {
+    for (int e = tid; e < a.S; e += kThreads) {
+      const acc_t w = static_cast<acc_t>(a.core[base + e]);
+      a.core[base + e] = static_cast<scalar_t>(w - a.lr * g[e]);
+    }
+  } else if (a.mode == kAdagrad) {
+    for (int e = tid; e < a.S; e += kThreads) {
+      const acc_t ge = g[e];
+      const acc_t s = load_state<acc_t>(a.state, a.state_dtype, base + e) + ge * ge;
+      store_state<acc_t>(a.state, a.state_dtype, base + e, s);
+      const acc_t w = static_cast<acc_t>(a.core[base + e]);
+      a.core[base + e] = static_cast<scalar_t>(w - a.lr * ge / (sqrt(s) + a.eps));
+    }
+  } else {
+    acc_t part = acc_t(0);
+    for (int e = tid; e < a.S; e += kThreads) part += g[e] * g[e];
+    red[tid] = part;
+    __syncthreads();
+    for (int s = kThreads / 2; s > 0; s >>= 1) {
+      if (tid < s) red[tid] += red[tid + s];
+      __syncthreads();
+    }
+    if (tid == 0) {
+      const acc_t s = load_state<acc_t>(a.state, a.state_dtype, dg) + red[0] / static_cast<acc_t>(a.S);
+      store_state<acc_t>(a.state, a.state_dtype, dg, s);
+      red[kThreads] = s;
+    }
+    __syncthreads();
+    const acc_t den = sqrt(red[kThreads]) + a.eps;
+    for (int e = tid; e < a.S; e += kThreads) {
+      const acc_t w = static_cast<acc_t>(a.core[base + e]);
+      a.core[base + e] = static_cast<scalar_t>(w - a.lr * g[e] / den);
+    }
+  }
+}
+
+// Copies nb (<= kNI) rows of sz elements, row r from src + items[r] * sz, into dst
+// (contiguous). All loads of a thread are issued before its stores: one memory
+// latency per call instead of one per element.
+template <typename acc_t>
+__device__ __forceinline__ void stage_rows(acc_t* dst, const acc_t* __restrict__ src, int sz, const int* items, int nb) {
+  if constexpr (sizeof(acc_t) == 4) {
+    if ((sz & 3) == 0) {
+      const int v = sz >> 2;
+      for (int x = threadIdx.x; x < v; x += kThreads) {
+        float4 buf[kNI];
+#pragma unroll
+        for (int r = 0; r < kNI; ++r) {
+          if (r < nb) buf[r] = reinterpret_cast<const float4*>(src + static_cast<int64_t>(items[r]) * sz)[x];
+        }
+#pragma unroll
+        for (int r = 0; r < kNI; ++r) {
+          if (r < nb) reinterpret_cast<float4*>(dst + r * sz)[x] = buf[r];
+        }
+      }
+      return;
+    }
+  }
+  for (int x = threadIdx.x; x < sz; x += kThreads) {
+    acc_t buf[kNI];
+#pragma unroll
+    for (int r = 0; r < kNI; ++r) {
+      if (r < nb) buf[r] = src[static_cast<int64_t>(items[r]) * sz + x];
+    }
+#pragma unroll
+    for (int r = 0; r < kNI; ++r) {
+      if (r < nb) dst[r * sz + x] = buf[r];
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) tt_reduce_kernel(const ReduceArgs<scalar_t, acc_t> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
+  // digits[s0 - 1 .. s1] and the items of the chunk, loaded once (no serial global loads)
+  __shared__ int sdig[kReduceChunk + 2];
+  __shared__ int sitem[kReduceChunk];
+  const int n = *a.count;
+  const int s0 = blockIdx.x * kReduceChunk;
+  if (s0 >= n) return;
+  const int s1 = min(s0 + kReduceChunk, n);
+  const int tid = threadIdx.x;
+  if (tid < kReduceChunk + 2) {
+    const int i = s0 - 1 + tid;
+    sdig[tid] = (i >= 0 && i < n && i <= s1) ? a.digits[i] : -1;
+    if (tid >= 1 && i < s1) sitem[tid - 1] = a.perm != nullptr ? a.perm[i] : i;
+  }
+  __syncthreads();
+  const int* dig = sdig + 1 - s0;  // dig[i] for i in [s0 - 1, s1]
+  acc_t* const acc = sm + a.sm_acc;
+  acc_t* const red = sm + a.sm_red;
+  int pos = s0;
+  while (pos < s1) {
+    const int dg = dig[pos];
+    int e = pos + 1;
+    while (e < s1 && dig[e] == dg) ++e;
+    const bool gstart = pos == 0 || dig[pos - 1] != dg;
+    const bool gend = e == n || dig[e] != dg;
+    if (!a.has_T) {
+      for (int x = tid; x < a.S; x += kThreads) {
+        acc_t s = acc_t(0);
+        int i = pos;
+        for (; i + 4 <= e; i += 4) {  // 4 loads in flight, summed in order
+          const acc_t v0 = a.dtbuf[static_cast<int64_t>(sitem[i - s0]) * a.S + x];
+          const acc_t v1 = a.dtbuf[static_cast<int64_t>(sitem[i + 1 - s0]) * a.S + x];
+          const acc_t v2 = a.dtbuf[static_cast<int64_t>(sitem[i + 2 - s0]) * a.S + x];
+          const acc_t v3 = a.dtbuf[static_cast<int64_t>(sitem[i + 3 - s0]) * a.S + x];
+          s += v0;
+          s += v1;
+          s += v2;
+          s += v3;
+        }
+        for (; i < e; ++i) s += a.dtbuf[static_cast<int64_t>(sitem[i - s0]) * a.S + x];
+        acc[x] = s;
+      }
+    } else {
+      for (int x = tid; x < a.S; x += kThreads) acc[x] = acc_t(0);
+      const int tsz = a.Q * a.rk, dsz = a.Q * a.nk;
+      acc_t* const ts = sm + a.sm_ts;
+      acc_t* const dts = sm + a.sm_dts;
+      for (int i0 = pos; i0 < e; i0 += kNI) {
+        const int nb = min(kNI, e - i0);
+        stage_rows<acc_t>(ts, a.tbuf, tsz, sitem + (i0 - s0), nb);
+        stage_rows<acc_t>(dts, a.dtbuf, dsz, sitem + (i0 - s0), nb);
+        __syncthreads();
+        // acc (r_k x n_k) += sum_items T^T (r_k x Q) dT (Q x n_k)
+        block_gemm<acc_t>(a.rk, a.nk, nb * a.Q, ts, 1, a.rk, dts, a.nk, acc, a.nk, true, sm + a.sm_scratch);
+      }
+    }
+    __syncthreads();
+    if (gstart && gend) {
+      finalize_slice(a, dg, acc, red);
+    } else {
+      acc_t* dst = (gstart ? a.pl : a.pf) + static_cast<int64_t>(blockIdx.x) * a.S;
+      for (int x = tid; x < a.S; x += kThreads) dst[x] = acc[x];
+    }
+    __syncthreads();
+    pos = e;
+  }
+}
+
+// Runs that cross chunk boundaries: the chunk where the run begins sums its
+// partial and those of the following chunks, in chunk order, and finalises the slice.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) tt_reduce_tail_kernel(const ReduceArgs<scalar_t, acc_t> a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
+  __shared__ int sdig[kReduceChunk + 2];
+  __shared__ int s_end;
+  const int n = *a.count;
+  const int j = blockIdx.x;
+  const int s0 = j * kReduceChunk;
+  if (s0 >= n) return;
+  const int s1 = min(s0 + kReduceChunk, n);
+  if (s1 >= n) return;
+  const int tid = threadIdx.x;
+  if (tid < kReduceChunk + 2) {
+    const int i = s0 - 1 + tid;
+    sdig[tid] = (i >= 0 && i <= s1) ? a.digits[i] : -1;
+  }
+  if (tid == 0) s_end = INT_MAX;
+  __syncthreads();
+  const int* dig = sdig + 1 - s0;
+  const int dg = dig[s1 - 1];
+  if (dig[s1] != dg) return;  // the last run ends in this chunk (R1 finalised it)
+  int b = s1 - 1;
+  while (b > s0 && dig[b - 1] == dg) --b;
+  if (b == s0 && s0 > 0 && dig[s0 - 1] == dg) return;  // begun in an earlier chunk
+  // The first chunk after j whose first item has another digit (or the end): found in parallel.
+  const int nchunks = (n + kReduceChunk - 1) / kReduceChunk;
+  for (int base = j + 1; base < nchunks; base += kThreads) {
+    const int jj = base + tid;
+    if (jj < nchunks && a.digits[jj * kReduceChunk] != dg) atomicMin(&s_end, jj);
+    if (__syncthreads_or(s_end != INT_MAX)) break;
+  }
+  __syncthreads();
+  const int jend = min(s_end, nchunks);
+  acc_t* const acc = sm + a.sm_acc;
+  for (int x = tid; x < a.S; x += kThreads) {
+    acc_t s = a.pl[static_cast<int64_t>(j) * a.S + x];
+    int jj = j + 1;
+    for (; jj + 4 <= jend; jj += 4) {  // 4 loads in flight, summed in chunk order
+      const acc_t v0 = a.pf[static_cast<int64_t>(jj) * a.S + x];
+      const acc_t v1 = a.pf[static_cast<int64_t>(jj + 1) * a.S + x];
+      const acc_t v2 = a.pf[static_cast<int64_t>(jj + 2) * a.S + x];
+      const acc_t v3 = a.pf[static_cast<int64_t>(jj + 3) * a.S + x];
+      s += v0;
+      s += v1;
+      s += v2;
+      s += v3;
+    }
+    for (; jj < jend; ++jj) s += a.pf[static_cast<int64_t>(jj) * a.S + x];
+    acc[x] = s;
+  }
+  __syncthreads();
+  finalize_slice(a, dg, acc, sm + a.sm_red);
+}
+
+// ------------------------------------------------------------------ host side
+
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+inline unsigned grid_1d(int64_t n, int threads) {
+  return static_cast<unsigned>(std::max<int64_t>(1, ceil_div(n, threads)));
+}
+
+int bits_for(uint64_t max_value) {
+  int bits = 1;
+  while (bits < 64 && (max_value >> bits) != 0) ++bits;
+  return bits;
+}
+
+TTDims make_dims(
+    const char* op, c10::IntArrayRef p, c10::IntArrayRef q, c10::IntArrayRef ranks, int64_t num_embeddings) {
+  const int64_t d = static_cast<int64_t>(p.size());
+  TORCH_CHECK_VALUE(d <= kMaxCores, op, ": the CUDA kernels support at most ", kMaxCores, " cores, got ", d);
+  TTDims t{};
+  t.d = static_cast<int>(d);
+  t.num_embeddings = num_embeddings;
+  const int64_t int_max = std::numeric_limits<int32_t>::max();
+  int64_t Q = 1, kw = 1;
+  for (int64_t k = 0; k < d; ++k) {
+    t.p[k] = static_cast<int>(p[k]);
+    t.q[k] = static_cast<int>(q[k]);
+    t.Q[k] = static_cast<int>(Q);
+    const int64_t n = q[k] * ranks[k + 1], S = ranks[k] * n;
+    TORCH_CHECK_VALUE(
+        p[k] <= int_max && S <= (int64_t{1} << 24) && Q * q[k] <= (int64_t{1} << 24), op,
+        ": core ", k, " is too large for the CUDA kernels");
+    t.n[k] = static_cast<int>(n);
+    t.S[k] = static_cast<int>(S);
+    t.kw[k] = kw;
+    if (k < d - 1) kw *= p[k];
+    Q *= q[k];
+  }
+  t.Q[d] = static_cast<int>(Q);
+  t.D = static_cast<int>(Q);
+  for (int64_t k = 0; k <= d; ++k) t.r[k] = static_cast<int>(ranks[k]);
+  const int64_t rows = detail::saturating_prod(p);
+  TORCH_CHECK_VALUE(rows < (int64_t{1} << 62), op, ": prod(p_shapes)=", rows, " is too large for the CUDA kernels");
+  int64_t st = 1;
+  for (int64_t k = d - 1; k >= 0; --k) {
+    t.pst[k] = st;
+    st *= p[k];
+  }
+  return t;
+}
+
+int max_dynamic_smem(int device) {
+  static std::atomic<int> cache[64];
+  int v = device < 64 ? cache[device].load() : 0;
+  if (v == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    if (device < 64) cache[device] = v;
+  }
+  return v;
+}
+
+template <typename Kernel>
+void prepare_smem(const char* op, Kernel kernel, size_t bytes, int device) {
+  TORCH_CHECK_VALUE(
+      bytes <= static_cast<size_t>(max_dynamic_smem(device)), op, ": the TT shapes need ", bytes,
+      " bytes of shared memory per block, more than the device offers (", max_dynamic_smem(device),
+      "); use smaller ranks / q_shapes");
+  if (bytes <= 48 * 1024) return;
+  // Raised once per kernel, device and size (keeps the call out of CUDA-graph captures after warm-up).
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, size_t> done;
+  const std::lock_guard<std::mutex> lock(mu);
+  size_t& have = done[{reinterpret_cast<const void*>(kernel), device}];
+  if (bytes > have) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    have = bytes;
+  }
+}
+
+struct SmemPlan {
+  int64_t off = 0;
+  int take(int64_t n) {
+    const int64_t o = off;
+    off += ceil_div(std::max<int64_t>(n, 1), 4) * 4;
+    TORCH_CHECK_VALUE(off < (int64_t{1} << 30), "torchrec_tt: shared-memory plan overflow");
+    return static_cast<int>(o);
+  }
+};
+
+ItemSmem plan_items(const TTDims& t, bool bwd, int64_t* elems) {
+  ItemSmem s{};
+  SmemPlan p;
+  const int L = t.d - 1;
+  for (int k = 0; k < L; ++k) {
+    s.stage[k] = p.take(t.S[k]);
+    s.stageT[k] = (bwd && k >= 1) ? p.take(t.S[k]) : 0;
+  }
+  int64_t tmax = 1;
+  for (int j = 0; j < L; ++j) tmax = std::max<int64_t>(tmax, int64_t{t.Q[j + 1]} * t.r[j + 1]);
+  s.t0 = p.take(tmax);
+  s.t1 = p.take(tmax);
+  s.ones = p.take(1);
+  const int64_t Qm = t.Q[L], rl = t.r[L];
+  s.ldr = t.q[L] * kNU;
+  s.rs = p.take(rl * s.ldr);
+  s.rst = bwd ? p.take(rl * s.ldr) : 0;
+  s.gs = bwd ? p.take(Qm * s.ldr) : 0;
+  s.y = bwd ? p.take(Qm * rl) : 0;
+  s.cs = p.take(std::max(Qm, rl) * s.ldr);
+  s.scratch = p.take(kGemmScratch);
+  *elems = p.off;
+  return s;
+}
+
+// Sorted view of one batch of ids (steps 1-3 of the pipeline).
+struct Batch {
+  int64_t nnz = 0, max_items = 0, max_urows = 0;
+  at::Tensor skeys, svals, item_start, item_urow, urow_start, counts, posmap, sbag, sscale;
+  std::vector<at::Tensor> item_dig;  // per prefix core: digit of each item
+  at::Tensor urow_dig;               // last digit of each unique row
+};
+
+template <typename acc_t>
+Batch build_batch(
+    const TTDims& t,
+    c10::IntArrayRef p_shapes,
+    const at::Tensor& indices,
+    const at::Tensor& offsets64,  // undefined for tt_lookup_rows
+    const at::Tensor& psw,        // acc dtype or undefined
+    int64_t pooling_mode,
+    bool want_posmap,
+    bool want_bag,
+    cudaStream_t stream) {
+  Batch bt;
+  const int64_t nnz = indices.numel();
+  const int64_t num_bags = offsets64.defined() ? offsets64.numel() - 1 : -1;
+  bt.nnz = nnz;
+  const auto opt_l = indices.options().dtype(at::kLong);
+  const auto opt_i = indices.options().dtype(at::kInt);
+  at::Tensor keys = at::empty({nnz}, opt_l);
+  at::Tensor vals = at::empty({nnz}, opt_i);
+  {
+    const int64_t n = std::max<int64_t>(nnz, num_bags + 1);
+    AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "tt_prep_cuda", [&] {
+      tt_prep_kernel<index_t><<<grid_1d(n, 256), 256, 0, stream>>>(
+          indices.const_data_ptr<index_t>(), nnz, offsets64.defined() ? offsets64.const_data_ptr<int64_t>() : nullptr,
+          num_bags, t, reinterpret_cast<uint64_t*>(keys.mutable_data_ptr<int64_t>()), vals.mutable_data_ptr<int32_t>());
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (nnz == 0) return bt;
+  const int L = t.d - 1;
+  const uint64_t pl = static_cast<uint64_t>(t.p[L]);
+  int64_t prefix_space = 1;
+  for (int k = 0; k < L; ++k) prefix_space = std::min<int64_t>(prefix_space * p_shapes[k], int64_t{1} << 40);
+  const int64_t chunks = ceil_div(nnz, kItemChunk);
+  bt.max_items = std::min<int64_t>(nnz, prefix_space + chunks);
+  bt.max_urows = std::min<int64_t>(nnz, t.num_embeddings + chunks);
+
+  bt.skeys = at::empty({nnz}, opt_l);
+  bt.svals = at::empty({nnz}, opt_i);
+  at::Tensor flags = at::empty({nnz}, opt_l);
+  at::Tensor scan = at::empty({nnz}, opt_l);
+  const int n = static_cast<int>(nnz);
+  const int end_bit = bits_for(static_cast<uint64_t>(detail::saturating_prod(p_shapes) - 1));
+  auto* k_in = reinterpret_cast<const uint64_t*>(keys.const_data_ptr<int64_t>());
+  auto* k_out = reinterpret_cast<uint64_t*>(bt.skeys.mutable_data_ptr<int64_t>());
+  size_t sort_bytes = 0, scan_bytes = 0;
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+      nullptr, sort_bytes, k_in, k_out, vals.const_data_ptr<int32_t>(), bt.svals.mutable_data_ptr<int32_t>(), n, 0,
+      end_bit, stream));
+  C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(
+      nullptr, scan_bytes, flags.const_data_ptr<int64_t>(), scan.mutable_data_ptr<int64_t>(), n, stream));
+  at::Tensor temp = at::empty({static_cast<int64_t>(std::max(sort_bytes, scan_bytes))}, indices.options().dtype(at::kByte));
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+      temp.mutable_data_ptr(), sort_bytes, k_in, k_out, vals.const_data_ptr<int32_t>(),
+      bt.svals.mutable_data_ptr<int32_t>(), n, 0, end_bit, stream));
+  tt_flags_kernel<<<grid_1d(nnz, 256), 256, 0, stream>>>(k_out, nnz, pl, flags.mutable_data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(
+      temp.mutable_data_ptr(), scan_bytes, flags.const_data_ptr<int64_t>(), scan.mutable_data_ptr<int64_t>(), n, stream));
+
+  bt.item_start = at::empty({bt.max_items + 1}, opt_i);
+  bt.item_urow = at::empty({bt.max_items + 1}, opt_i);
+  bt.urow_start = at::empty({bt.max_urows + 1}, opt_i);
+  bt.counts = at::empty({2}, opt_i);
+  IndexArgs<acc_t> ia{};
+  ia.skeys = k_out;
+  ia.svals = bt.svals.const_data_ptr<int32_t>();
+  ia.scan = scan.const_data_ptr<int64_t>();
+  ia.nnz = nnz;
+  ia.pl = pl;
+  ia.item_start = bt.item_start.mutable_data_ptr<int32_t>();
+  ia.item_urow = bt.item_urow.mutable_data_ptr<int32_t>();
+  ia.urow_start = bt.urow_start.mutable_data_ptr<int32_t>();
+  ia.counts = bt.counts.mutable_data_ptr<int32_t>();
+  ia.t = t;
+  for (int k = 0; k < L; ++k) {
+    bt.item_dig.push_back(at::empty({bt.max_items}, opt_i));
+    ia.item_dig[k] = bt.item_dig.back().mutable_data_ptr<int32_t>();
+  }
+  bt.urow_dig = at::empty({bt.max_urows}, opt_i);
+  ia.urow_dig = bt.urow_dig.mutable_data_ptr<int32_t>();
+  if (want_posmap) {
+    bt.posmap = at::empty({nnz}, opt_i);
+    ia.posmap = bt.posmap.mutable_data_ptr<int32_t>();
+  }
+  if (want_bag) {
+    bt.sbag = at::empty({nnz}, opt_i);
+    bt.sscale = at::empty({nnz}, indices.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    ia.offsets = offsets64.const_data_ptr<int64_t>();
+    ia.num_bags = num_bags;
+    ia.psw = psw.defined() ? psw.const_data_ptr<acc_t>() : nullptr;
+    ia.mean = pooling_mode == static_cast<int64_t>(PoolingMode::MEAN) ? 1 : 0;
+    ia.sbag = bt.sbag.mutable_data_ptr<int32_t>();
+    ia.sscale = bt.sscale.mutable_data_ptr<acc_t>();
+  }
+  tt_index_kernel<acc_t><<<grid_1d(nnz, 256), 256, 0, stream>>>(ia);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return bt;
+}
+
+// ------------------------------------------------------------------ forward -> backward reuse
+// The forward op leaves its sorted batch (steps 1-3) in a thread-local slot; the
+// backward op of the same ids, offsets and weights (same tensors, same version
+// counters, same shapes) takes it instead of sorting again, and empties the slot.
+// Any mismatch (another batch, an in-place change that bumped a version, inference
+// tensors without version counters) just recomputes it.
+struct BatchKey {
+  const void* idx_impl = nullptr;
+  const void* idx_data = nullptr;
+  int64_t idx_ver = -1, nnz = 0;
+  const void* off_impl = nullptr;
+  const void* off_data = nullptr;
+  int64_t off_ver = -1, num_bags = 0;
+  const void* w_impl = nullptr;
+  int64_t w_ver = -1;
+  int64_t mode = 0, num_embeddings = 0;
+  std::vector<int64_t> p;
+  int device = -1;
+  int acc = -1;
+  int stream = 0;
+  bool operator==(const BatchKey& o) const {
+    return idx_impl == o.idx_impl && idx_data == o.idx_data && idx_ver == o.idx_ver && nnz == o.nnz &&
+        off_impl == o.off_impl && off_data == o.off_data && off_ver == o.off_ver && num_bags == o.num_bags &&
+        w_impl == o.w_impl && w_ver == o.w_ver && mode == o.mode && num_embeddings == o.num_embeddings && p == o.p &&
+        device == o.device && acc == o.acc && stream == o.stream;
+  }
+};
+
+bool batch_key(
+    BatchKey* k,
+    const at::Tensor& indices,
+    const at::Tensor& offsets,
+    const std::optional<at::Tensor>& psw,
+    int64_t mode,
+    int64_t num_embeddings,
+    c10::IntArrayRef p,
+    at::ScalarType acc) {
+  const bool has_w = psw.has_value() && psw->defined();
+  if (indices.is_inference() || offsets.is_inference() || (has_w && psw->is_inference())) return false;
+  k->idx_impl = indices.unsafeGetTensorImpl();
+  k->idx_data = indices.const_data_ptr();
+  k->idx_ver = static_cast<int64_t>(indices._version());
+  k->nnz = indices.numel();
+  k->off_impl = offsets.unsafeGetTensorImpl();
+  k->off_data = offsets.const_data_ptr();
+  k->off_ver = static_cast<int64_t>(offsets._version());
+  k->num_bags = offsets.numel() - 1;
+  if (has_w) {
+    k->w_impl = psw->unsafeGetTensorImpl();
+    k->w_ver = static_cast<int64_t>(psw->_version());
+  }
+  k->mode = mode;
+  k->num_embeddings = num_embeddings;
+  k->p = p.vec();
+  k->device = indices.get_device();
+  k->acc = static_cast<int>(acc);
+  k->stream = static_cast<int>(c10::cuda::getCurrentCUDAStream().id() & 0x7fffffff);
+  return true;
+}
+
+struct BatchCache {
+  bool valid = false;
+  BatchKey key;
+  Batch batch;
+  // The keyed tensors stay alive while cached, so no other tensor can take their
+  // addresses (TensorImpl and storage) and match the key by accident.
+  at::Tensor idx, off, w;
+};
+
+BatchCache& batch_cache() {
+  static thread_local BatchCache cache;
+  return cache;
+}
+
+// TORCHREC_TT_CUDA_REUSE=0 turns the forward -> backward reuse off.
+bool batch_reuse_enabled() {
+  static const bool enabled = [] {
+    const char* e = std::getenv("TORCHREC_TT_CUDA_REUSE");
+    return !(e != nullptr && std::strcmp(e, "0") == 0);
+  }();
+  return enabled;
+}
+
+template <typename scalar_t, typename acc_t>
+ItemArgs<scalar_t, acc_t> item_args(const TTDims& t, const std::vector<at::Tensor>& cores, const Batch& bt) {
+  ItemArgs<scalar_t, acc_t> a{};
+  a.t = t;
+  for (int k = 0; k < t.d; ++k) a.cores[k] = cores[k].const_data_ptr<scalar_t>();
+  a.skeys = reinterpret_cast<const uint64_t*>(bt.skeys.const_data_ptr<int64_t>());
+  a.item_start = bt.item_start.const_data_ptr<int32_t>();
+  a.item_urow = bt.item_urow.const_data_ptr<int32_t>();
+  a.urow_start = bt.urow_start.const_data_ptr<int32_t>();
+  a.counts = bt.counts.const_data_ptr<int32_t>();
+  for (int k = 0; k + 1 < t.d; ++k) a.item_dig[k] = bt.item_dig[k].const_data_ptr<int32_t>();
+  a.urow_dig = bt.urow_dig.const_data_ptr<int32_t>();
+  return a;
+}
+
+// The fast warp-per-item kernels (tt_cuda_fast.cuh) serve 3-core float32 tables
+// with q_0 = q_2 = 4, r_1 = r_2 = 32, q_1 = 4 (the seed shapes); others take the
+// generic block kernels. TORCHREC_TT_CUDA_FAST=0 forces the generic ones.
+bool fast_shape_ok(const TTDims& t, at::ScalarType st) {
+  static const bool enabled = [] {
+    const char* e = std::getenv("TORCHREC_TT_CUDA_FAST");
+    return !(e != nullptr && std::strcmp(e, "0") == 0);
+  }();
+  return enabled && st == at::kFloat && t.d == 3 && t.q[0] == 4 && t.r[1] == 32 && t.q[1] == 4 && t.r[2] == 32 &&
+      t.q[2] == 4;
+}
+
+bool fast_path_ok(const TTDims& t, at::ScalarType st, std::initializer_list<const void*> ptrs) {
+  static const bool enabled = [] {
+    const char* e = std::getenv("TORCHREC_TT_CUDA_FAST");
+    return !(e != nullptr && std::strcmp(e, "0") == 0);
+  }();
+  if (!enabled || st != at::kFloat || t.d != 3) return false;
+  if (!(t.q[0] == 4 && t.r[1] == 32 && t.q[1] == 4 && t.r[2] == 32 && t.q[2] == 4)) return false;
+  for (const void* p : ptrs) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  }
+  return true;
+}
+
+FastArgs fast_args(const std::vector<at::Tensor>& cores, const Batch& bt) {
+  FastArgs f{};
+  f.c0 = cores[0].const_data_ptr<float>();
+  f.c1 = cores[1].const_data_ptr<float>();
+  f.c2 = cores[2].const_data_ptr<float>();
+  f.counts = bt.counts.const_data_ptr<int32_t>();
+  f.item_urow = bt.item_urow.const_data_ptr<int32_t>();
+  f.urow_start = bt.urow_start.const_data_ptr<int32_t>();
+  f.item_d0 = bt.item_dig[0].const_data_ptr<int32_t>();
+  f.item_d1 = bt.item_dig[1].const_data_ptr<int32_t>();
+  f.urow_d2 = bt.urow_dig.const_data_ptr<int32_t>();
+  return f;
+}
+
+unsigned fast_grid(int64_t max_items) {
+  return grid_1d(max_items, kFastWarps * kFastItemsPerWarp);
+}
+
+// The unique rows of a batch, computed by the forward item kernel: [max_urows, D] in acc dtype.
+template <typename scalar_t, typename acc_t>
+at::Tensor compute_rows(const char* op, const TTDims& t, const std::vector<at::Tensor>& cores, const Batch& bt, cudaStream_t stream) {
+  at::Tensor rowbuf = at::empty({bt.max_urows, t.D}, cores[0].options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    // (the shape test first: cores[1], cores[2] exist only for 3 cores)
+    if (fast_shape_ok(t, cores[0].scalar_type()) &&
+        fast_path_ok(t, cores[0].scalar_type(), {cores[0].const_data_ptr(), cores[1].const_data_ptr(), cores[2].const_data_ptr()})) {
+      FastArgs f = fast_args(cores, bt);
+      f.rowbuf = rowbuf.mutable_data_ptr<float>();
+      tt_fast_item_kernel<4, 32, 32, 4, false><<<fast_grid(bt.max_items), kFastWarps * 32, 0, stream>>>(f);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return rowbuf;
+    }
+  }
+  auto a = item_args<scalar_t, acc_t>(t, cores, bt);
+  a.rowbuf = rowbuf.mutable_data_ptr<acc_t>();
+  int64_t elems = 0;
+  a.sm = plan_items(t, false, &elems);
+  const size_t bytes = static_cast<size_t>(elems) * sizeof(acc_t);
+  auto kernel = tt_item_kernel<scalar_t, acc_t, false>;
+  prepare_smem(op, kernel, bytes, cores[0].get_device());
+  kernel<<<grid_1d(bt.max_items, kItemsPerBlock), kThreads, bytes, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return rowbuf;
+}
+
+dim3 rows_block(int D) {
+  const int bx = D >= 128 ? 128 : static_cast<int>(ceil_div(D, 32) * 32);
+  return dim3(bx, std::max(1, 256 / bx));
+}
+
+std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& x : ts) out.push_back(x.contiguous());
+  return out;
+}
+
+void check_device(const char* op, const char* name, const at::Tensor& x, const at::Tensor& core0) {
+  TORCH_CHECK_VALUE(
+      x.device() == core0.device(), op, ": ", name, " is on ", x.device(), " but the cores are on ", core0.device());
+}
+
+void check_sizes(const char* op, int64_t nnz) {
+  TORCH_CHECK_VALUE(
+      nnz < std::numeric_limits<int32_t>::max(), op, ": the CUDA kernels take fewer than 2^31 - 1 indices, got ", nnz);
+}
+
+at::Tensor weights_as(const std::optional<at::Tensor>& w, at::ScalarType acc) {
+  if (!w.has_value() || !w->defined()) return at::Tensor();
+  return w->to(acc).contiguous();
+}
+
+// ------------------------------------------------------------------ ops
+
+at::Tensor tt_embedding_bag_forward_cuda(
+    at::TensorList cores_in,
+    const at::Tensor& indices_in,
+    const at::Tensor& offsets_in,
+    const std::optional<at::Tensor>& per_sample_weights,
+    c10::IntArrayRef p_shapes,
+    c10::IntArrayRef q_shapes,
+    c10::IntArrayRef ranks,
+    int64_t num_embeddings,
+    int64_t pooling_mode) {
+  const char* op = "torchrec_tt.tt_embedding_bag_forward";
+  check_tt_args(op, cores_in, p_shapes, q_shapes, ranks, num_embeddings);
+  check_bag_shapes(op, indices_in, offsets_in, per_sample_weights, pooling_mode);
+  check_device(op, "indices", indices_in, cores_in[0]);
+  check_device(op, "offsets", offsets_in, cores_in[0]);
+  if (per_sample_weights.has_value() && per_sample_weights->defined()) {
+    check_device(op, "per_sample_weights", *per_sample_weights, cores_in[0]);
+  }
+  check_sizes(op, indices_in.numel());
+  const c10::cuda::CUDAGuard guard(cores_in[0].device());
+  const TTDims t = make_dims(op, p_shapes, q_shapes, ranks, num_embeddings);
+  const auto cores = contiguous_all(cores_in);
+  const at::Tensor indices = indices_in.contiguous();
+  const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
+  const int64_t num_bags = offsets.numel() - 1;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor out = at::empty({num_bags, t.D}, cores[0].options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cores[0].scalar_type(), "tt_forward_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    const at::Tensor psw = weights_as(per_sample_weights, c10::CppTypeToScalarType<acc_t>::value);
+    const Batch bt = build_batch<acc_t>(t, p_shapes, indices, offsets, psw, pooling_mode, true, true, stream);
+    if (bt.nnz == 0) {
+      out.zero_();
+      return;
+    }
+    if (batch_reuse_enabled()) {
+      BatchCache& cache = batch_cache();
+      cache.valid = batch_key(
+          &cache.key, indices_in, offsets_in, per_sample_weights, pooling_mode, num_embeddings, p_shapes,
+          c10::CppTypeToScalarType<acc_t>::value);
+      cache.batch = cache.valid ? bt : Batch();
+      cache.idx = cache.valid ? indices_in : at::Tensor();
+      cache.off = cache.valid ? offsets_in : at::Tensor();
+      cache.w = cache.valid && per_sample_weights.has_value() ? *per_sample_weights : at::Tensor();
+    }
+    const at::Tensor rowbuf = compute_rows<scalar_t, acc_t>(op, t, cores, bt, stream);
+    if (num_bags > 0) {
+      const dim3 block = rows_block(t.D);
+      tt_pool_kernel<scalar_t, acc_t><<<grid_1d(num_bags, block.y), block, 0, stream>>>(
+          rowbuf.const_data_ptr<acc_t>(), bt.posmap.const_data_ptr<int32_t>(), offsets.const_data_ptr<int64_t>(),
+          num_bags, t.D, psw.defined() ? psw.const_data_ptr<acc_t>() : nullptr,
+          pooling_mode == static_cast<int64_t>(PoolingMode::MEAN) ? 1 : 0, out.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return out;
+}
+
+at::Tensor tt_lookup_rows_cuda(
+    at::TensorList cores_in,
+    const at::Tensor& indices_in,
+    c10::IntArrayRef p_shapes,
+    c10::IntArrayRef q_shapes,
+    c10::IntArrayRef ranks,
+    int64_t num_embeddings) {
+  const char* op = "torchrec_tt.tt_lookup_rows";
+  check_tt_args(op, cores_in, p_shapes, q_shapes, ranks, num_embeddings);
+  check_lookup_indices(op, indices_in);
+  check_device(op, "indices", indices_in, cores_in[0]);
+  check_sizes(op, indices_in.numel());
+  const c10::cuda::CUDAGuard guard(cores_in[0].device());
+  const TTDims t = make_dims(op, p_shapes, q_shapes, ranks, num_embeddings);
+  const auto cores = contiguous_all(cores_in);
+  const at::Tensor indices = indices_in.contiguous();
+  const int64_t nnz = indices.numel();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor out = at::empty({nnz, t.D}, cores[0].options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cores[0].scalar_type(), "tt_lookup_rows_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    const Batch bt = build_batch<acc_t>(t, p_shapes, indices, at::Tensor(), at::Tensor(), 0, true, false, stream);
+    if (nnz == 0) return;
+    const at::Tensor rowbuf = compute_rows<scalar_t, acc_t>(op, t, cores, bt, stream);
+    const dim3 block = rows_block(t.D);
+    tt_gather_kernel<scalar_t, acc_t><<<grid_1d(nnz, block.y), block, 0, stream>>>(
+        rowbuf.const_data_ptr<acc_t>(), bt.posmap.const_data_ptr<int32_t>(), nnz, t.D, out.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+int state_dtype_code(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat:
+      return kStateFloat;
+    case at::kDouble:
+      return kStateDouble;
+    case at::kHalf:
+      return kStateHalf;
+    case at::kBFloat16:
+      return kStateBFloat16;
+    default:
+      TORCH_CHECK_VALUE(false, "torchrec_tt: optimizer state of dtype ", s, " is not supported by the CUDA kernels");
+  }
+  return kStateFloat;
+}
+
+// Backward: core gradients (mode kWriteGrad into `grads`) or the fused update.
+template <typename scalar_t>
+void run_backward(
+    const char* op,
+    const TTDims& t,
+    c10::IntArrayRef p_shapes,
+    const at::Tensor& grad_output,
+    const std::vector<at::Tensor>& cores,
+    const std::vector<at::Tensor>& state,
+    const at::Tensor& indices,
+    const at::Tensor& offsets,
+    const at::Tensor& indices_in,
+    const at::Tensor& offsets_in,
+    const std::optional<at::Tensor>& per_sample_weights,
+    int64_t pooling_mode,
+    int mode,
+    double learning_rate,
+    double eps,
+    const std::vector<at::Tensor>& grads,
+    cudaStream_t stream) {
+  using acc_t = at::acc_type<scalar_t, true>;
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  Batch bt;
+  bool reused = false;
+  if (batch_reuse_enabled()) {
+    BatchCache& cache = batch_cache();
+    BatchKey key;
+    if (cache.valid &&
+        batch_key(&key, indices_in, offsets_in, per_sample_weights, pooling_mode, t.num_embeddings, p_shapes, acc_type) &&
+        key == cache.key) {
+      bt = cache.batch;  // sorted by the forward of the same batch
+      reused = true;
+    }
+    cache.valid = false;
+    cache.batch = Batch();
+    cache.idx = cache.off = cache.w = at::Tensor();
+  }
+  if (!reused) {
+    const at::Tensor psw = weights_as(per_sample_weights, acc_type);
+    bt = build_batch<acc_t>(t, p_shapes, indices, offsets, psw, pooling_mode, false, true, stream);
+  }
+  if (bt.nnz == 0) return;
+  const int d = t.d, L = d - 1;
+  const auto opt_acc = cores[0].options().dtype(acc_type);
+  const auto opt_i = cores[0].options().dtype(at::kInt);
+  const int device = cores[0].get_device();
+  const at::Tensor go = grad_output.to(acc_type).contiguous();
+
+  // Step 4: items (prefix products, row gradients, per-item factors).
+  at::Tensor xbuf = at::empty({bt.max_urows, t.S[L]}, opt_acc);
+  std::vector<at::Tensor> tbuf(d), dtbuf(d);
+  auto a = item_args<scalar_t, acc_t>(t, cores, bt);
+  a.grad_out = go.const_data_ptr<acc_t>();
+  a.sbag = bt.sbag.const_data_ptr<int32_t>();
+  a.sscale = bt.sscale.const_data_ptr<acc_t>();
+  a.xbuf = xbuf.mutable_data_ptr<acc_t>();
+  for (int k = 0; k < L; ++k) {
+    dtbuf[k] = at::empty({bt.max_items, int64_t{t.Q[k]} * t.n[k]}, opt_acc);
+    a.dtbuf[k] = dtbuf[k].mutable_data_ptr<acc_t>();
+    if (k >= 1) {
+      tbuf[k] = at::empty({bt.max_items, int64_t{t.Q[k]} * t.r[k]}, opt_acc);
+      a.tbuf[k] = tbuf[k].mutable_data_ptr<acc_t>();
+    }
+  }
+  bool fast = false;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (fast_shape_ok(t, cores[0].scalar_type()) &&
+        fast_path_ok(t, cores[0].scalar_type(),
+                     {cores[0].const_data_ptr(), cores[1].const_data_ptr(), cores[2].const_data_ptr(), go.const_data_ptr()})) {
+      FastArgs f = fast_args(cores, bt);
+      f.grad_out = go.const_data_ptr<float>();
+      f.sbag = bt.sbag.const_data_ptr<int32_t>();
+      f.sscale = bt.sscale.const_data_ptr<float>();
+      f.xbuf = xbuf.mutable_data_ptr<float>();
+      f.tbuf1 = tbuf[1].mutable_data_ptr<float>();
+      f.dtbuf0 = dtbuf[0].mutable_data_ptr<float>();
+      f.dtbuf1 = dtbuf[1].mutable_data_ptr<float>();
+      tt_fast_item_kernel<4, 32, 32, 4, true><<<fast_grid(bt.max_items), kFastWarps * 32, 0, stream>>>(f);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      fast = true;
+    }
+  }
+  if (!fast) {
+    int64_t elems = 0;
+    a.sm = plan_items(t, true, &elems);
+    const size_t bytes = static_cast<size_t>(elems) * sizeof(acc_t);
+    auto kernel = tt_item_kernel<scalar_t, acc_t, true>;
+    prepare_smem(op, kernel, bytes, device);
+    kernel<<<grid_1d(bt.max_items, kItemsPerBlock), kThreads, bytes, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  // Step 5: digits of every item per core, sorted where the item order does not group them.
+  const int64_t max_n = std::max(bt.max_items, bt.max_urows);
+  std::vector<at::Tensor> keys(d), sorted_keys(d), perms(d);
+  at::Tensor iota = at::empty({max_n}, opt_i);
+  DigitArgs da{};
+  da.t = t;
+  da.skeys = reinterpret_cast<const uint64_t*>(bt.skeys.const_data_ptr<int64_t>());
+  da.item_start = bt.item_start.const_data_ptr<int32_t>();
+  da.urow_start = bt.urow_start.const_data_ptr<int32_t>();
+  da.counts = bt.counts.const_data_ptr<int32_t>();
+  da.max_items = bt.max_items;
+  da.max_urows = bt.max_urows;
+  da.iota = iota.mutable_data_ptr<int32_t>();
+  for (int k = 0; k < d; ++k) {
+    keys[k] = at::empty({k == L ? bt.max_urows : bt.max_items}, opt_i);
+    da.keys[k] = keys[k].mutable_data_ptr<int32_t>();
+  }
+  tt_digits_kernel<<<grid_1d(max_n, 256), 256, 0, stream>>>(da);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  size_t temp_bytes = 0;
+  for (int k = 0; k < d; ++k) {
+    if (k == L - 1) continue;  // items come grouped by the digit of core d-2
+    size_t b = 0;
+    const int n = static_cast<int>(keys[k].numel());
+    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+        nullptr, b, reinterpret_cast<const uint32_t*>(keys[k].const_data_ptr<int32_t>()), static_cast<uint32_t*>(nullptr),
+        iota.const_data_ptr<int32_t>(), static_cast<int32_t*>(nullptr), n, 0, bits_for(t.p[k]), stream));
+    temp_bytes = std::max(temp_bytes, b);
+  }
+  at::Tensor temp = at::empty({static_cast<int64_t>(std::max<size_t>(temp_bytes, 1))}, cores[0].options().dtype(at::kByte));
+  for (int k = 0; k < d; ++k) {
+    if (k == L - 1) {
+      sorted_keys[k] = keys[k];
+      continue;
+    }
+    const int n = static_cast<int>(keys[k].numel());
+    sorted_keys[k] = at::empty_like(keys[k]);
+    perms[k] = at::empty_like(keys[k]);
+    size_t b = temp_bytes;
+    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+        temp.mutable_data_ptr(), b, reinterpret_cast<const uint32_t*>(keys[k].const_data_ptr<int32_t>()),
+        reinterpret_cast<uint32_t*>(sorted_keys[k].mutable_data_ptr<int32_t>()), iota.const_data_ptr<int32_t>(),
+        perms[k].mutable_data_ptr<int32_t>(), n, 0, bits_for(t.p[k]), stream));
+  }
+
+  // Step 6: per core, reduce per unique slice and finalise (gradient or update).
+  const int sdt = state.empty() ? kStateFloat : state_dtype_code(state[0].scalar_type());
+  for (int k = L; k >= 0; --k) {
+    ReduceArgs<scalar_t, acc_t> r{};
+    const int64_t n = keys[k].numel();
+    r.has_T = (k >= 1 && k < L) ? 1 : 0;
+    r.Q = t.Q[k];
+    r.rk = t.r[k];
+    r.nk = t.n[k];
+    r.S = t.S[k];
+    r.count = bt.counts.const_data_ptr<int32_t>() + (k == L ? 1 : 0);
+    r.digits = sorted_keys[k].const_data_ptr<int32_t>();
+    r.perm = perms[k].defined() ? perms[k].const_data_ptr<int32_t>() : nullptr;
+    r.tbuf = r.has_T ? tbuf[k].const_data_ptr<acc_t>() : nullptr;
+    r.dtbuf = k == L ? xbuf.const_data_ptr<acc_t>() : dtbuf[k].const_data_ptr<acc_t>();
+    const int64_t nchunks = ceil_div(n, kReduceChunk);
+    at::Tensor pf = at::empty({nchunks, int64_t{t.S[k]}}, opt_acc);
+    at::Tensor pl = at::empty({nchunks, int64_t{t.S[k]}}, opt_acc);
+    r.pf = pf.mutable_data_ptr<acc_t>();
+    r.pl = pl.mutable_data_ptr<acc_t>();
+    r.mode = mode;
+    r.grad = grads.empty() ? nullptr : grads[k].mutable_data_ptr<scalar_t>();
+    r.core = mode == kWriteGrad ? nullptr : cores[k].mutable_data_ptr<scalar_t>();
+    r.state = state.empty() ? nullptr : state[k].mutable_data_ptr();
+    r.state_dtype = sdt;
+    r.lr = static_cast<acc_t>(learning_rate);
+    r.eps = static_cast<acc_t>(eps);
+    SmemPlan sp;
+    r.sm_acc = sp.take(t.S[k]);
+    if (r.has_T) {
+      r.sm_ts = sp.take(int64_t{kNI} * t.Q[k] * t.r[k]);
+      r.sm_dts = sp.take(int64_t{kNI} * t.Q[k] * t.n[k]);
+      r.sm_scratch = sp.take(kGemmScratch);
+    }
+    r.sm_red = sp.take(kThreads + 4);
+    const size_t bytes = static_cast<size_t>(sp.off) * sizeof(acc_t);
+    auto k1 = tt_reduce_kernel<scalar_t, acc_t>;
+    auto k2 = tt_reduce_tail_kernel<scalar_t, acc_t>;
+    prepare_smem(op, k1, bytes, device);
+    k1<<<grid_1d(n, kReduceChunk), kThreads, bytes, stream>>>(r);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // the tail kernel needs the accumulator and the reduction scratch only
+    SmemPlan tp;
+    r.sm_acc = tp.take(t.S[k]);
+    r.sm_red = tp.take(kThreads + 4);
+    const size_t tail_bytes = static_cast<size_t>(tp.off) * sizeof(acc_t);
+    prepare_smem(op, k2, tail_bytes, device);
+    k2<<<grid_1d(n, kReduceChunk), kThreads, tail_bytes, stream>>>(r);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+struct BackwardPrep {
+  TTDims t;
+  std::vector<at::Tensor> cores;
+  at::Tensor indices, offsets, grad_output;
+};
+
+BackwardPrep prepare_backward(
+    const char* op,
+    const at::Tensor& grad_output,
+    at::TensorList cores_in,
+    const at::Tensor& indices_in,
+    const at::Tensor& offsets_in,
+    const std::optional<at::Tensor>& per_sample_weights,
+    c10::IntArrayRef p_shapes,
+    c10::IntArrayRef q_shapes,
+    c10::IntArrayRef ranks,
+    int64_t num_embeddings,
+    int64_t pooling_mode) {
+  check_tt_args(op, cores_in, p_shapes, q_shapes, ranks, num_embeddings);
+  check_bag_shapes(op, indices_in, offsets_in, per_sample_weights, pooling_mode);
+  check_grad_output(op, grad_output, offsets_in, q_shapes);
+  check_device(op, "indices", indices_in, cores_in[0]);
+  check_device(op, "offsets", offsets_in, cores_in[0]);
+  check_device(op, "grad_output", grad_output, cores_in[0]);
+  if (per_sample_weights.has_value() && per_sample_weights->defined()) {
+    check_device(op, "per_sample_weights", *per_sample_weights, cores_in[0]);
+  }
+  check_sizes(op, indices_in.numel());
+  BackwardPrep bp;
+  bp.t = make_dims(op, p_shapes, q_shapes, ranks, num_embeddings);
+  bp.indices = indices_in.contiguous();
+  bp.offsets = offsets_in.to(at::kLong).contiguous();
+  bp.grad_output = grad_output;
+  return bp;
+}
+
+std::vector<at::Tensor> tt_embedding_bag_backward_cuda(
+    const at::Tensor& grad_output,
+    at::TensorList cores_in,
+    const at::Tensor& indices_in,
+    const at::Tensor& offsets_in,
+    const std::optional<at::Tensor>& per_sample_weights,
+    c10::IntArrayRef p_shapes,
+    c10::IntArrayRef q_shapes,
+    c10::IntArrayRef ranks,
+    int64_t num_embeddings,
+    int64_t pooling_mode) {
+  const char* op = "torchrec_tt.tt_embedding_bag_backward";
+  BackwardPrep bp = prepare_backward(
+      op, grad_output, cores_in, indices_in, offsets_in, per_sample_weights, p_shapes, q_shapes, ranks, num_embeddings,
+      pooling_mode);
+  const c10::cuda::CUDAGuard guard(cores_in[0].device());
+  const auto cores = contiguous_all(cores_in);
+  std::vector<at::Tensor> grads;
+  grads.reserve(cores.size());
+  for (const auto& c : cores) grads.push_back(at::zeros_like(c, at::MemoryFormat::Contiguous));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cores[0].scalar_type(), "tt_backward_cuda", [&] {
+    run_backward<scalar_t>(
+        op, bp.t, p_shapes, bp.grad_output, cores, {}, bp.indices, bp.offsets, indices_in, offsets_in, per_sample_weights,
+        pooling_mode, kWriteGrad, 0.0, 0.0, grads, stream);
+  });
+  return grads;
+}
+
+// The conditions of check_optimizer_state (tt_checks.h), evaluated without building
+// any message: that function formats its expected shape eagerly, which we keep off
+// the hot path; it is called only to raise when this says no.
+bool optimizer_state_ok(at::TensorList cores, at::TensorList state, int64_t optimizer) {
+  if (optimizer == static_cast<int64_t>(FusedOptimizer::SGD)) return state.empty();
+  if (optimizer != static_cast<int64_t>(FusedOptimizer::ADAGRAD) &&
+      optimizer != static_cast<int64_t>(FusedOptimizer::ROWWISE_ADAGRAD)) {
+    return false;
+  }
+  if (state.size() != cores.size()) return false;
+  const bool adagrad = optimizer == static_cast<int64_t>(FusedOptimizer::ADAGRAD);
+  for (size_t k = 0; k < cores.size(); ++k) {
+    const bool shape_ok = adagrad ? state[k].sizes() == cores[k].sizes()
+                                  : (state[k].dim() == 1 && state[k].size(0) == cores[k].size(0));
+    if (!shape_ok || state[k].device() != cores[k].device() || !state[k].is_floating_point()) return false;
+  }
+  return true;
+}
+
+void tt_embedding_bag_backward_fused_cuda(
+    const at::Tensor& grad_output,
+    at::TensorList cores_in,
+    at::TensorList optimizer_state,
+    const at::Tensor& indices_in,
+    const at::Tensor& offsets_in,
+    const std::optional<at::Tensor>& per_sample_weights,
+    c10::IntArrayRef p_shapes,
+    c10::IntArrayRef q_shapes,
+    c10::IntArrayRef ranks,
+    int64_t num_embeddings,
+    int64_t pooling_mode,
+    int64_t optimizer,
+    double learning_rate,
+    double eps) {
+  const char* op = "torchrec_tt.tt_embedding_bag_backward_fused_";
+  BackwardPrep bp = prepare_backward(
+      op, grad_output, cores_in, indices_in, offsets_in, per_sample_weights, p_shapes, q_shapes, ranks, num_embeddings,
+      pooling_mode);
+  if (!optimizer_state_ok(cores_in, optimizer_state, optimizer)) {
+    check_optimizer_state(op, cores_in, optimizer_state, optimizer);  // raises with the reference's message
+  }
+  for (size_t k = 0; k < cores_in.size(); ++k) {
+    TORCH_CHECK_VALUE(cores_in[k].is_contiguous(), op, ": cores[", k, "] must be contiguous (it is updated in place)");
+  }
+  for (size_t k = 0; k < optimizer_state.size(); ++k) {
+    TORCH_CHECK_VALUE(
+        optimizer_state[k].is_contiguous(), op, ": optimizer_state[", k, "] must be contiguous (it is updated in place)");
+    TORCH_CHECK_VALUE(
+        optimizer_state[k].scalar_type() == optimizer_state[0].scalar_type(), op,
+        ": all optimizer_state tensors must share one dtype");
+    state_dtype_code(optimizer_state[k].scalar_type());
+  }
+  const c10::cuda::CUDAGuard guard(cores_in[0].device());
+  const std::vector<at::Tensor> cores(cores_in.begin(), cores_in.end());
+  const std::vector<at::Tensor> state(optimizer_state.begin(), optimizer_state.end());
+  const int mode = optimizer == static_cast<int64_t>(FusedOptimizer::SGD)       ? kSGD
+      : optimizer == static_cast<int64_t>(FusedOptimizer::ADAGRAD)              ? kAdagrad
+                                                                                : kRowwiseAdagrad;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cores[0].scalar_type(), "tt_backward_fused_cuda", [&] {
+    run_backward<scalar_t>(
+        op, bp.t, p_shapes, bp.grad_output, cores, state, bp.indices, bp.offsets, indices_in, offsets_in,
+        per_sample_weights, pooling_mode, mode, learning_rate, eps, {}, stream);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchrec_tt, CUDA, m) {
+  m.impl("tt_embedding_bag_forward", &tt_embedding_bag_forward_cuda);
+  m.impl("tt_embedding_bag_backward", &tt_embedding_bag_backward_cuda);
+  m.impl("tt_embedding_bag_backward_fused_", &tt_embedding_bag_backward_fused_cuda);
+  m.impl("tt_lookup_rows", &tt_lookup_rows_cuda);
+}
+
+}  // namespace torchrec_tt

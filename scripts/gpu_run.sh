@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# One run on a bare GPU machine: offline setup, build, GPU tests, benchmark; a short table last.
+#
+#   bash scripts/gpu_run.sh
+#
+# Environment:
+#   OUT            where logs and results go (default benchmarks/results/latest)
+#   WHEELS         carried wheels for scripts/gpu_setup.sh (default .whl; skipped if absent)
+#   TORCH_CUDA_ARCH_LIST  default 9.0 (sm_90, H100/H200)
+#   PYTEST_ARGS    extra pytest arguments (default: -q)
+#   BENCH_ARGS     extra arguments of benchmarks/bench_tt_embedding_bag.py
+#   SKIP_TESTS=1 / SKIP_BENCH=1   leave a stage out
+#   RUN_NCCL_CHECK=1              run the multi-GPU hook below (when >= 2 GPUs)
+# Exit status: non-zero if the build, the tests or the benchmark failed.
+set -uo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+out=${OUT:-$root/benchmarks/results/latest}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+status=()
+stamp() { echo "[gpu_run $(date +%H:%M:%S)] $*"; }
+
+# 1. offline setup (torchrec + fbgemm-gpu-cpu for the torchrec-facing tests)
+wheels=${WHEELS:-$root/.whl}
+if [ -d "$wheels" ]; then
+  stamp "setup from $wheels"
+  if bash scripts/gpu_setup.sh "$wheels" /tmp/site; then
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    status+=("setup: FAILED")
+  fi
+fi
+export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader || true
+"$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
+
+# 2. build (sm_90 by default); in place, so the checkout imports torchrec_tt._C.
+# One C++ compiler for every object, the one whose libstdc++ the process loads at run
+# time: seen 2026-11-22 on the GPU image, Python's sysconfig/CXX compiler
+# /opt/gcc/bin/g++ (newer libstdc++ headers) built the .cpp files while nvcc used
+# /usr/bin/g++ 13; the .so then held std::ostream code of the wrong libstdc++ and any
+# `ostream << long` in it (every error message, shape formatting) segfaulted.
+# TORCHREC_TT_CXX=/path/to/g++ picks another compiler.
+cxx=${TORCHREC_TT_CXX:-}
+if [ -z "$cxx" ] && [ -x /usr/bin/g++ ]; then cxx=/usr/bin/g++; fi
+if [ -n "$cxx" ]; then
+  export CXX=$cxx CC=${cxx%++}cc LDSHARED="$cxx -shared" NVCC_CCBIN=$cxx
+  [ -x "$CC" ] || CC=$(dirname "$cxx")/gcc
+fi
+stamp "build (CXX=${CXX:-default}: $(${CXX:-g++} -dumpfullversion 2>/dev/null), NVCC_CCBIN=${NVCC_CCBIN:-default})"
+t0=$(date +%s)
+if TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+    "$py" setup.py build_ext --inplace >"$out/build.log" 2>&1; then
+  status+=("build: ok ($(( $(date +%s) - t0 )) s)")
+else
+  status+=("build: FAILED (see build.log)")
+  tail -40 "$out/build.log"
+fi
+"$py" -c 'import torchrec_tt as t; print("HAS_CPP_KERNELS", t.HAS_CPP_KERNELS, "HAS_CUDA_KERNELS", t.HAS_CUDA_KERNELS)' || true
+
+# 3. GPU tests
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  # The CUDA-kernel tests run in a pytest process of their own (no torchrec /
+  # fbgemm-gpu-cpu imported by other test modules; a crash in one run does not hide the
+  # other run's results).
+  stamp "pytest -m gpu tests/test_cuda_kernels.py"
+  # shellcheck disable=SC2086
+  "$py" -m pytest -m gpu -p no:cacheprovider ${PYTEST_ARGS:--q} tests/test_cuda_kernels.py 2>&1 | tee "$out/pytest.log"
+  rc=${PIPESTATUS[0]}
+  summary=$(grep -E "passed|failed|error" "$out/pytest.log" | tail -1)
+  status+=("CUDA kernel tests (pytest -m gpu tests/test_cuda_kernels.py): rc=$rc ${summary}")
+  stamp "pytest -m gpu (the other test files)"
+  # shellcheck disable=SC2086
+  "$py" -m pytest -m gpu -p no:cacheprovider ${PYTEST_ARGS:--q} tests --ignore=tests/test_cuda_kernels.py 2>&1 \
+    | tee "$out/pytest_other.log"
+  rc=${PIPESTATUS[0]}
+  summary=$(grep -E "passed|failed|error|no tests ran" "$out/pytest_other.log" | tail -1)
+  [ "$rc" = 5 ] && rc=0  # no GPU tests collected there
+  status+=("other GPU tests (pytest -m gpu tests): rc=$rc ${summary}")
+fi
+
+# ---------------------------------------------------------------- multi-GPU check
+# The sharded TT path on 2 GPUs through NCCL: TW / RW / CW / mixed plans, forward and fused
+# optimizer steps against the unsharded module on the global batch (scripts/gpu_dist_check.py).
+if [ "${RUN_NCCL_CHECK:-0}" = 1 ]; then
+  ngpu=$(nvidia-smi -L | wc -l)
+  if [ "$ngpu" -ge 2 ]; then
+    stamp "2-GPU NCCL check of the sharded path"
+    "$py" -m torch.distributed.run --standalone --nproc_per_node 2 scripts/gpu_dist_check.py 2>&1 | tee "$out/nccl_check.log"
+    rc=${PIPESTATUS[0]}
+    status+=("2-GPU NCCL sharded check (scripts/gpu_dist_check.py): rc=$rc")
+  else
+    status+=("2-GPU NCCL sharded check: FAILED (only $ngpu GPU)")
+  fi
+fi
+# ----------------------------------------------------------------------------------
+
+# 4. benchmark
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  stamp "benchmark"
+  # shellcheck disable=SC2086
+  "$py" benchmarks/bench_tt_embedding_bag.py --device cuda --out-dir "$out" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"
+  rc=${PIPESTATUS[0]}
+  status+=("benchmark: rc=$rc")
+fi
+
+# 5. summary
+echo
+echo "================ gpu_run summary ================"
+"$py" -c 'import torch; print(torch.cuda.get_device_name())' 2>/dev/null
+for s in "${status[@]}"; do echo "  $s"; done
+md=$(ls -t "$out"/*.md 2>/dev/null | head -1)
+[ -n "$md" ] && sed -n '/^| optimizer/,$p' "$md"
+case "${status[*]}" in *FAILED*|*"rc=1"*|*"rc=2"*) exit 1 ;; esac
+exit 0
