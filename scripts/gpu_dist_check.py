@@ -88,7 +88,8 @@ def check(plan_name, per_table, opt, rank, world, device, steps=3, batch=64):
     torch.manual_seed(0)
     src = TTEmbeddingBagCollection(tables())
     torch.manual_seed(0)
-    ref = TTEmbeddingBagCollection(tables(), device=device)
+    # Initialised on the CPU like `src` (the CUDA generator draws other numbers), then moved.
+    ref = TTEmbeddingBagCollection(tables()).to(device)
     sharder = TTEmbeddingBagCollectionSharder(fused_params={"optimizer": opt, "learning_rate": lr, "eps": eps})
     plan = construct_module_sharding_plan(src, per_table, sharder=sharder, local_size=world, world_size=world,
                                           device_type=device.type)
