@@ -184,6 +184,11 @@ FALLBACK_OPS: dict[str, Callable[..., object]] = {
 }
 """fbgemm op name -> pure-PyTorch implementation (also usable directly, on any device)."""
 
+AUTOGRAD_OPS = ("permute_pooled_embs_auto_grad", "permute_pooled_embs_auto_grad_split")
+"""Ops whose fbgemm CPU build has an autograd kernel for CPU only (``AutogradCPU``): on CUDA their
+backward would silently drop the gradient, so the fallback is also registered for ``AutogradCUDA``,
+where autograd records the differentiable torch ops it is made of."""
+
 
 def register_fbgemm_cuda_fallbacks(dispatch_key: str = "CUDA") -> list[str]:
     """Register :data:`FALLBACK_OPS` for ``dispatch_key`` where fbgemm has no kernel for it.
@@ -218,6 +223,12 @@ def register_fbgemm_cuda_fallbacks(dispatch_key: str = "CUDA") -> list[str]:
             lib = torch.library.Library("fbgemm", "IMPL")  # noqa: TOR901
         lib.impl(name, fn, dispatch_key)
         registered.append(name)
+        autograd_key = f"Autograd{dispatch_key}"
+        if name in AUTOGRAD_OPS and not any(
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"fbgemm::{name}", k) for k in ("Autograd", autograd_key)
+        ):
+            lib.impl(name, fn, autograd_key)
+            registered.append(f"{name} ({autograd_key})")
     if lib is not None:
         _LIBRARIES.append(lib)
         logger.info("torchrec_tt: pure-PyTorch %s kernels registered for fbgemm ops %s", dispatch_key, registered)
