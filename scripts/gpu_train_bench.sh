@@ -15,6 +15,8 @@
 #                and excluded from samples/s)
 #   BATCH_SIZE   per-GPU batch (default: the config's 2048)
 #   GPUS         GPU counts to run (default "1 2")
+#   CONFIGS      configs to run (default configs/criteo_kaggle.yaml; e.g. add
+#                configs/criteo_kaggle_ttrec.yaml for TT-Rec's 3-core rank-32 shapes)
 #   EXTRA_ARGS   more train_dlrm.py flags
 # Each run draws its batches from a pool of 32 pre-generated synthetic batches per rank
 # (--synthetic_pool_batches 32), so data generation does not limit the GPU; no evaluation,
@@ -63,16 +65,17 @@ results="$out/gpu_train_throughput.jsonl"
 : >"$results"
 steps=${STEPS:-300}
 status=0
+for config in ${CONFIGS:-configs/criteo_kaggle.yaml}; do
 for gpus in ${GPUS:-1 2}; do
   if [ "$gpus" -gt "$ngpu" ]; then stamp "skip $gpus GPUs (only $ngpu)"; continue; fi
   for compression in tt none; do
-    name="kaggle_${compression}_${gpus}gpu"
+    name="$(basename "$config" .yaml)_${compression}_${gpus}gpu"
     dir="$out/train_bench/$name"
     rm -rf "$dir"
     stamp "$name"
     # shellcheck disable=SC2086
     "$py" -m torch.distributed.run --standalone --nproc_per_node "$gpus" examples/train_dlrm.py \
-      --yaml_config configs/criteo_kaggle.yaml --compression "$compression" --device cuda \
+      --yaml_config "$config" --compression "$compression" --device cuda \
       --train_steps "$steps" --log_every 50 --eval_every 0 --val_at_end false --test_at_end false \
       --checkpoint_every 0 --resume false --synthetic_pool_batches 32 --num_workers 0 --progress_bar false \
       ${BATCH_SIZE:+--batch_size $BATCH_SIZE} --out_dir "$dir" ${EXTRA_ARGS:-} >"$out/$name.log" 2>&1
@@ -83,12 +86,13 @@ for gpus in ${GPUS:-1 2}; do
     "$py" - "$dir/summary.json" "$name" >>"$results" <<'PY'
 import json, sys, torch
 s = json.load(open(sys.argv[1]))
-keys = ["compression", "embedding_module", "world_size", "global_batch_size", "steps", "train_samples_per_s",
+keys = ["compression", "embedding_module", "tt_tables", "world_size", "global_batch_size", "steps", "train_samples_per_s",
         "embedding_params_uncompressed", "embedding_params_stored", "compression_ratio", "wall_s"]
 print(json.dumps({"run": sys.argv[2], "device": torch.cuda.get_device_name(), **{k: s.get(k) for k in keys}}))
 PY
     tail -1 "$results"
   done
+done
 done
 stamp "results: $results"
 exit $status

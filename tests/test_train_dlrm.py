@@ -342,6 +342,15 @@ def test_kill_and_resume(smoke_run, tmp_path):
                 assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-5), (mine, theirs)
 
 
+@pytest.mark.parametrize("module", ["config", "data", "model"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"torchrec_tt.training.{module}"))
+    assert result.attempted > 0 and result.failed == 0
+
+
 def test_experiment_config_roundtrip():
     cfg = ExperimentConfig()
     again = config_from_dict(cfg.to_dict())

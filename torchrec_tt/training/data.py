@@ -104,7 +104,7 @@ class SyntheticCriteoDataset(IterableDataset):
     ``multi_hot_sizes[f]`` ids per sample.
 
     Labels: ``y ~ Bernoulli(sigmoid(bias + signal_scale * s))`` with
-    ``s = 0.5 * dense @ w + main + inter``, where ``main`` is a sum over features of a
+    ``s = 0.5 * dense @ w + main + 0.8 * inter``, where ``main`` is a sum over features of a
     fixed pseudo-random effect of each id (mean over a sample's ids), ``inter`` a sum of
     dot products of 4-d pseudo-random id vectors over 13 fixed feature pairs, each term
     scaled to unit variance, and the bias gives about 25 % positives (Criteo's rate).

@@ -3,10 +3,12 @@
 The TT path and the uncompressed path share everything but the table configs:
 ``compression: tt`` turns the chosen tables into :class:`TTEmbeddingBagConfig`
 (the others stay plain ``EmbeddingBagConfig``) inside one
-:class:`TTEmbeddingBagCollection`, sharded by the TT sharder; ``compression: none``
-builds torchrec's ``EmbeddingBagCollection`` with the same tables, sharded by
-torchrec's own sharder. Both get the fused embedding optimizer through the
-sharder's ``fused_params`` (``EmbOptimType``), and DMP wraps the MLPs in DDP.
+:class:`TTEmbeddingBagCollection`, sharded by the TT sharder and planned by the
+TT-aware planner; ``compression: none`` builds torchrec's ``EmbeddingBagCollection``
+with the same tables, sharded and planned by torchrec (or, on a GPU machine
+without FBGEMM's CUDA build, the plain tables inside a ``TTEmbeddingBagCollection``).
+Both get the fused embedding optimizer through the sharder's ``fused_params``
+(``EmbOptimType``), and DMP wraps the MLPs in DDP.
 """
 
 from __future__ import annotations
@@ -40,8 +42,11 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "build_tables",
+    "dense_parameter_count",
     "embedding_size_report",
+    "fbgemm_has_cuda_kernels",
     "make_sharders",
+    "resolve_embedding_module",
     "select_tt_tables",
     "shard_model",
     "sparse_collection",
@@ -56,7 +61,8 @@ def select_tt_tables(feature_names: Sequence[str], sizes: Sequence[int], cfg: Mo
     """Features whose tables are TT-compressed.
 
     Those are the ``tt_num_largest`` largest tables with at least ``tt_min_rows``
-    rows, plus ``tt_tables`` and the keys of ``tt_table_shapes``. Names may be given as the feature (``cat_2``) or the table (``t_cat_2``).
+    rows, plus ``tt_tables`` and the keys of ``tt_table_shapes``. Names may be given
+    as the feature (``cat_2``) or the table (``t_cat_2``).
 
     Args:
         feature_names (list[str]): one feature per table.
@@ -173,7 +179,7 @@ def embedding_size_report(tables: Sequence[EmbeddingBagConfig]) -> EmbeddingSize
 
         >>> r = embedding_size_report(build_tables(["a"], [1_000_000], ModelConfig(tt_ranks=[8, 8], tt_min_rows=0)))
         >>> r.uncompressed_params, r.stored_params
-        (16000000, 12800)
+        (16000000, 17600)
     """
     unc = stored = tt_unc = tt_stored = n_tt = 0
     rows = []
@@ -299,10 +305,20 @@ def make_sharders(model: DLRMTrain, cfg: OptimConfig) -> list[ModuleSharder[nn.M
     return [EmbeddingBagCollectionSharder(fused_params=fused)]
 
 
-def _constraints(tables: Sequence[EmbeddingBagConfig], sharding: str) -> dict[str, ParameterConstraints] | None:
-    if sharding == "planner":
+def _constraints(
+    tables: Sequence[EmbeddingBagConfig], sharding: str, stock_on_cpu: bool = False
+) -> dict[str, ParameterConstraints] | None:
+    if sharding != "planner":
+        return {t.name: ParameterConstraints(sharding_types=[sharding]) for t in tables}
+    if not stock_on_cpu:
         return None
-    return {t.name: ParameterConstraints(sharding_types=[sharding]) for t in tables}
+    # torchrec's data-parallel tables run fbgemm's dense TBE, whose CPU build registers no autograd
+    # kernel for CPU: their gradients would be dropped silently (a warning, no error). Keep them
+    # model-parallel on CPU, where the fused TBE trains them.
+    from torchrec.distributed.types import ShardingType
+
+    types = [st.value for st in ShardingType if st != ShardingType.DATA_PARALLEL]
+    return {t.name: ParameterConstraints(sharding_types=types) for t in tables}
 
 
 def shard_model(
@@ -337,7 +353,8 @@ def shard_model(
         DistributedModelParallel: the sharded model.
     """
     collection = sparse_collection(model)
-    constraints = _constraints(collection.embedding_bag_configs(), train_cfg.sharding)
+    stock_on_cpu = device.type == "cpu" and not isinstance(collection, TTEmbeddingBagCollection)
+    constraints = _constraints(collection.embedding_bag_configs(), train_cfg.sharding, stock_on_cpu)
     topology = _topology(env.world_size, device.type, local_world_size)
     if isinstance(collection, TTEmbeddingBagCollection):
         from torchrec_tt.distributed.planner import make_tt_planner

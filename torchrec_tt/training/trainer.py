@@ -585,6 +585,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     for split in ("val", "test"):
         if f"{split}_auc" in summary:
             lines.append(f"{split}: AUC {summary[f'{split}_auc']:.4f}, log loss {summary[f'{split}_loss']:.4f}")
+    if "test_auc_at_best_val" in summary:
+        lines.append(
+            f"best validation AUC {summary['best_val_auc']:.4f} at step {summary['best_val_step']}: "
+            f"test AUC there {summary['test_auc_at_best_val']:.4f}"
+        )
     if "test_oracle_auc" in summary:
         lines.append(f"test AUC of the planted logits (ceiling): {summary['test_oracle_auc']:.4f}")
     lines.append(f"wall time {summary['wall_s']} s")
