@@ -15,18 +15,15 @@ from torchrec_tt.modules import OptimType, TTEmbeddingBag
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    # need torchrec: imported on first access so that `import torchrec_tt` stays torchrec-free
-    "TTEmbeddingBagConfig": "torchrec_tt.modules.tt_embedding_configs",
-    "TTEmbeddingBagCollection": "torchrec_tt.modules.tt_embedding_modules",
-}
+_LAZY = ("TTEmbeddingBagConfig", "TTEmbeddingBagCollection")  # need torchrec: resolved by torchrec_tt.modules
 
 
 def __getattr__(name: str) -> object:
+    # Imported on first access so that `import torchrec_tt` stays torchrec-free.
     if name in _LAZY:
-        import importlib
+        from torchrec_tt import modules
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(modules, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
