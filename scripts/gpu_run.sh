@@ -10,7 +10,9 @@
 #   PYTEST_ARGS    extra pytest arguments (default: -q)
 #   BENCH_ARGS     extra arguments of benchmarks/bench_tt_embedding_bag.py
 #   SKIP_TESTS=1 / SKIP_BENCH=1   leave a stage out
+#   SKIP_KERNEL_TESTS=1           leave out tests/test_cuda_kernels.py (the other GPU tests still run)
 #   RUN_NCCL_CHECK=1              run the multi-GPU hook below (when >= 2 GPUs)
+#   RUN_CACHE_BENCH=1             run benchmarks/bench_tt_cache.py (args: CACHE_BENCH_ARGS)
 # Exit status: non-zero if the build, the tests or the benchmark failed.
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -65,12 +67,14 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # The CUDA-kernel tests run in a pytest process of their own (no torchrec /
   # fbgemm-gpu-cpu imported by other test modules; a crash in one run does not hide the
   # other run's results).
-  stamp "pytest -m gpu tests/test_cuda_kernels.py"
-  # shellcheck disable=SC2086
-  "$py" -m pytest -m gpu -p no:cacheprovider ${PYTEST_ARGS:--q} tests/test_cuda_kernels.py 2>&1 | tee "$out/pytest.log"
-  rc=${PIPESTATUS[0]}
-  summary=$(grep -E "passed|failed|error" "$out/pytest.log" | tail -1)
-  status+=("CUDA kernel tests (pytest -m gpu tests/test_cuda_kernels.py): rc=$rc ${summary}")
+  if [ "${SKIP_KERNEL_TESTS:-0}" != 1 ]; then
+    stamp "pytest -m gpu tests/test_cuda_kernels.py"
+    # shellcheck disable=SC2086
+    "$py" -m pytest -m gpu -p no:cacheprovider ${PYTEST_ARGS:--q} tests/test_cuda_kernels.py 2>&1 | tee "$out/pytest.log"
+    rc=${PIPESTATUS[0]}
+    summary=$(grep -E "passed|failed|error" "$out/pytest.log" | tail -1)
+    status+=("CUDA kernel tests (pytest -m gpu tests/test_cuda_kernels.py): rc=$rc ${summary}")
+  fi
   stamp "pytest -m gpu (the other test files)"
   # shellcheck disable=SC2086
   "$py" -m pytest -m gpu -p no:cacheprovider ${PYTEST_ARGS:--q} tests --ignore=tests/test_cuda_kernels.py 2>&1 \
@@ -104,6 +108,15 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   "$py" benchmarks/bench_tt_embedding_bag.py --device cuda --out-dir "$out" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"
   rc=${PIPESTATUS[0]}
   status+=("benchmark: rc=$rc")
+fi
+
+# 4b. LFU cache benchmark
+if [ "${RUN_CACHE_BENCH:-0}" = 1 ]; then
+  stamp "cache benchmark"
+  # shellcheck disable=SC2086
+  "$py" benchmarks/bench_tt_cache.py --device cuda --out-dir "$out" ${CACHE_BENCH_ARGS:-} 2>&1 | tee "$out/bench_cache.log"
+  rc=${PIPESTATUS[0]}
+  status+=("cache benchmark: rc=$rc")
 fi
 
 # 5. summary

@@ -57,11 +57,6 @@ def test_seed_readme_examples_run_as_written():
     assert all(c.grad is None for c in tt_emb.tt_cores)
 
 
-def test_use_cache_is_not_implemented_yet():
-    with pytest.raises(NotImplementedError, match="use_cache"):
-        TTEmbeddingBag(1000, 64, [10, 10, 10], [4, 4, 4], [4, 4], use_cache=True, cache_size=1000, hashtbl_size=1000)
-
-
 # ----------------------------------------------------------------------------- forward conventions
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])

@@ -116,7 +116,8 @@ def ref_params(ref: Any, table: str) -> list[Tensor]:
 
 def build_dmp(rank: int, world_size: int, per_table: dict[str, Any], fused_params: dict[str, Any] | None,
               weighted: bool, in_backward: tuple[Any, dict[str, Any]] | None = None, seed: int = 0,
-              qcomm_codecs_registry: Any = None, output_dtensor: bool = False, aligned: bool = True) -> tuple[Any, Any]:
+              qcomm_codecs_registry: Any = None, output_dtensor: bool = False, aligned: bool = True,
+              table_configs: list[Any] | None = None) -> tuple[Any, Any]:
     import torch.distributed as dist
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.sharding_plan import construct_module_sharding_plan
@@ -126,7 +127,7 @@ def build_dmp(rank: int, world_size: int, per_table: dict[str, Any], fused_param
     from torchrec_tt.distributed import TTEmbeddingBagCollectionSharder
 
     torch.manual_seed(seed)
-    src = TTEmbeddingBagCollection(tables(aligned), is_weighted=weighted)
+    src = TTEmbeddingBagCollection(table_configs or tables(aligned), is_weighted=weighted)
     if in_backward is not None:
         from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 

@@ -7,6 +7,12 @@ plan / world size loads under any other. These helpers add one thing to plain
 checked against the checkpoint's metadata, and a mismatch (e.g. a table with other
 TT shapes) raises an error naming the key, with the model and optimizer untouched.
 
+LFU caches (``use_cache=True`` tables) are saved with the model: they load into the
+same cache configuration and shard layout (placement may differ). A checkpoint
+without caches loads into cached tables with empty caches; a checkpoint with caches
+is refused by tables without one (flush the caches with ``cache_flush()`` before
+saving to move such a table to another layout or to ``use_cache=False``).
+
 The model may emit ``ShardedTensor`` (default) or ``DTensor`` (``ShardingEnv(...,
 output_dtensor=True)``) state; the checkpoint does not depend on which, so a checkpoint
 saved with one loads with the other, under any plan / world size.
@@ -36,6 +42,23 @@ def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> None:
             _flatten(f"{prefix}.{i}", v, out)
     elif hasattr(obj, "shape"):
         out[prefix] = obj
+
+
+def _cache_table(key: str) -> str | None:
+    """The table of a cache checkpoint key (``...embedding_bags.<table>.cache.<buffer>``), else None."""
+    parts = key.split(".")
+    if len(parts) >= 4 and parts[-2] == "cache" and parts[-4] == "embedding_bags":
+        return parts[-3]
+    return None
+
+
+def _drop_caches_missing_from(model_state: dict[str, Any], checkpoint_id: str | os.PathLike[str]) -> None:
+    """Tables whose cache the checkpoint lacks load with an empty cache: do not ask DCP for it."""
+    saved = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
+    saved_tables = {_cache_table(k) for k in saved} - {None}
+    for key in [k for k in model_state if _cache_table(k) is not None and _cache_table(k) not in saved_tables]:
+        logger.info("checkpoint %s has no cache for %s: it loads with an empty cache", os.fspath(checkpoint_id), key)
+        del model_state[key]
 
 
 def _check_optimizer_state_is_checkpointable(model: nn.Module) -> None:
@@ -84,11 +107,15 @@ def validate_checkpoint(state: dict[str, Any], checkpoint_id: str | os.PathLike[
     Raises:
         ValueError: keys missing from the checkpoint or with another global shape.
     """
-    metadata = dcp.FileSystemReader(checkpoint_id).read_metadata()
-    saved = metadata.state_dict_metadata
+    saved = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
     flat: dict[str, Any] = {}
     _flatten("", state, flat)
     problems = []
+    cached_tables = {_cache_table(k) for k in flat} - {None}
+    for key in saved:
+        table = _cache_table(key)
+        if table is not None and table not in cached_tables:
+            problems.append(f"{key}: an LFU cache of table '{table}', which has no cache in the model (cache_flush() it before saving)")
     for key, tensor in flat.items():
         meta = saved.get(key)
         if meta is None:
@@ -118,6 +145,7 @@ def load_checkpoint(model: nn.Module, checkpoint_id: str | os.PathLike[str], opt
         >>> load_checkpoint(dmp, "/tmp/ckpt", dmp.fused_optimizer)
     """
     state = _state(model, optimizer)
+    _drop_caches_missing_from(state["model"], checkpoint_id)
     validate_checkpoint(state, checkpoint_id)
     dcp.load(state, checkpoint_id=checkpoint_id)
     model.load_state_dict(state["model"])

@@ -27,7 +27,7 @@ from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_tt.distributed.tt_embeddingbag import TT_COMPUTE_KERNEL, resolve_table_optimizer
-from torchrec_tt.modules.tt_embedding_configs import tt_config_shapes
+from torchrec_tt.modules.tt_embedding_configs import tt_config_shapes, uses_cache
 from torchrec_tt.modules.tt_embedding_modules import TTEmbeddingBagCollection
 from torchrec_tt.modules.tt_shapes import tt_flops_per_row
 from torchrec_tt.ops import FusedOptimizer
@@ -59,11 +59,13 @@ def tt_shard_bytes(
     optimizer: FusedOptimizer | None,
     element_size: int = 4,
 ) -> int:
-    """Bytes a rank holds for a shard of a table: its cores plus fused optimizer state.
+    """Bytes a rank holds for a shard of a table: its cores plus fused optimizer state (plus its cache).
 
     A row shard holds whole first-core slices and full inner cores; a column shard
     a ``q_1`` slice of the first core and full inner cores. Adagrad keeps one state
-    value per core entry, row-wise Adagrad one per core slice, SGD none.
+    value per core entry, row-wise Adagrad one per core slice, SGD none. A table
+    with ``use_cache=True`` adds, per shard, ``cache_size`` rows of ``shard_cols``
+    values with their optimizer state, their ids, and 16 bytes per hash-table slot.
 
     Args:
         config (EmbeddingBagConfig): the table (plain tables are one-core TTs).
@@ -93,7 +95,12 @@ def tt_shard_bytes(
         state = entries
     elif optimizer == FusedOptimizer.ROWWISE_ADAGRAD:
         state = sum(local_p)
-    return (entries + state) * element_size
+    total = (entries + state) * element_size
+    if uses_cache(config) and shard_rows > 0:
+        size = config.cache_size
+        cache_state = {FusedOptimizer.ADAGRAD: size * shard_cols, FusedOptimizer.ROWWISE_ADAGRAD: size}.get(optimizer, 0)  # type: ignore[arg-type]
+        total += size * shard_cols * element_size + cache_state * 4 + size * 8 + 16 * (config.hashtbl_size or 4 * size) + 48
+    return total
 
 
 class TTStorageEstimator(ShardEstimator):

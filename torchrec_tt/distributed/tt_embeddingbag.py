@@ -100,7 +100,8 @@ from torchrec_tt.distributed.tt_lookup import (
     _TTSyncPoint,
 )
 from torchrec_tt.modules.optim_types import to_fused_optimizer
-from torchrec_tt.modules.tt_embedding_configs import is_tt_config, tt_config_shapes
+from torchrec_tt.modules.tt_cache import STAT_NAMES
+from torchrec_tt.modules.tt_embedding_configs import is_tt_config, tt_config_shapes, uses_cache
 from torchrec_tt.modules.tt_embedding_modules import TTEmbeddingBagCollection
 from torchrec_tt.modules.tt_shapes import internal_to_canonical
 from torchrec_tt.ops import FusedOptimizer as FusedOptimizerKind
@@ -235,6 +236,9 @@ class _CkptEntry:
     shards: list[ShardMetadata]
 
 
+_CACHE_DTYPES = dict.fromkeys(("hash_keys", "hash_counts", "cache_ids", "stats", "populate_clock"), torch.int64)
+
+
 def _placement(rank: int, device: torch.device) -> str:
     return f"rank:{rank}/cuda:{rank}" if device.type == "cuda" else f"rank:{rank}/{device.type}"
 
@@ -345,6 +349,28 @@ class ShardedTTEmbeddingBagCollection(
             for c in self._configs
         }
         self._table_optim = optim
+        for c in self._configs:
+            if not uses_cache(c):
+                continue
+            if self._plan[c.name].sharding_type == ShardingType.DATA_PARALLEL.value:
+                raise ValueError(
+                    f"table '{c.name}': use_cache=True is not supported with data_parallel sharding (every rank would "
+                    "train its own copy of the cached rows); use table_wise, row_wise, column_wise or table_row_wise"
+                )
+            if (
+                self._plan[c.name].sharding_type == ShardingType.COLUMN_WISE.value
+                and optim[c.name].optimizer == FusedOptimizerKind.ROWWISE_ADAGRAD
+            ):
+                raise ValueError(
+                    f"table '{c.name}': use_cache=True with column_wise sharding and row-wise Adagrad is not "
+                    "supported (a cached row's state would need the squared gradient of the whole row, summed over "
+                    "the column shards); use EXACT_ADAGRAD / EXACT_SGD or another sharding type"
+                )
+            if optim[c.name].optimizer is None:
+                raise ValueError(
+                    f"table '{c.name}': use_cache=True needs a fused optimizer (fused_params={{'optimizer': ...}} or "
+                    "apply_optimizer_in_backward); cached rows are trained inside backward"
+                )
         names_by_table = dict(zip([c.name for c in self._configs], get_embedding_names_by_table(self._configs), strict=True))
         infos: dict[str, list[EmbeddingShardingInfo]] = defaultdict(list)
         for c in self._configs:
@@ -401,6 +427,11 @@ class ShardedTTEmbeddingBagCollection(
         self._ckpt_tensors: dict[str, Any] = {}
         self._optim_state_tensors: dict[str, dict[str, Any]] = {}
         self._build_checkpoint_tensors()
+        self._cache_ckpt = self._build_cache_entries()
+        self._cache_ckpt_tensors = {
+            key: self._make_distributed(local, entry.shards, entry.global_shape, 0, _CACHE_DTYPES.get(key.split(".")[-1], torch.float32))
+            for key, (entry, local) in self._cache_ckpt.items()
+        }
         self._optim = self._build_fused_optimizer()
         self._register_state_dict_hook(ShardedTTEmbeddingBagCollection._state_dict_hook)
         self._register_load_state_dict_pre_hook(self._load_state_dict_pre_hook, with_module=False)
@@ -664,6 +695,44 @@ class ShardedTTEmbeddingBagCollection(
                 entries[key] = _CkptEntry(shape, True, metas)
         return entries
 
+    def _build_cache_entries(self) -> dict[str, tuple[_CkptEntry, Tensor | None]]:
+        """Checkpoint layout of the LFU caches: per buffer, one 1-D tensor with a block per table shard.
+
+        The blocks follow the plan's shard order, so a cache checkpoint loads into the same
+        shard layout (placement on other ranks is fine); the validation in the load hook
+        refuses any other layout.
+        """
+        entries: dict[str, tuple[_CkptEntry, Tensor | None]] = {}
+        dev = self._device if self._device.type != "meta" else torch.device("cpu")
+        shard_of = {s.table_name: s for s in self._local_shards()}
+        for c in self._configs:
+            if not uses_cache(c):
+                continue
+            ps = self._plan[c.name]
+            local = shard_of.get(c.name)
+            local_cache = local.cache if local is not None else None
+            specs = [(md, rank) for md, rank in zip(ps.sharding_spec.shards, ps.ranks, strict=True) if md.shard_sizes[0] > 0]
+            size = c.hashtbl_size or 4 * c.cache_size
+            opt = self._table_optim[c.name].optimizer
+            # buffer -> (entries per shard, times the shard's columns?)
+            per_shard = {
+                "hash_keys": (size, False), "hash_counts": (size, False), "cache_ids": (c.cache_size, False),
+                "cache_weight": (c.cache_size, True), "stats": (len(STAT_NAMES), False), "populate_clock": (1, False),
+            }
+            if opt == FusedOptimizerKind.ADAGRAD:
+                per_shard["cache_optimizer_state"] = (c.cache_size, True)
+            elif opt == FusedOptimizerKind.ROWWISE_ADAGRAD:
+                per_shard["cache_optimizer_state"] = (c.cache_size, False)
+            for name, (count, per_column) in per_shard.items():
+                metas, offset = [], 0
+                for md, rank in specs:
+                    n = count * (md.shard_sizes[1] if per_column else 1)
+                    metas.append(ShardMetadata([offset], [n], _placement(rank, dev)))
+                    offset += n
+                tensor = getattr(local_cache, name).view(-1) if local_cache is not None else None
+                entries[f"embedding_bags.{c.name}.cache.{name}"] = (_CkptEntry((offset,), True, metas), tensor)
+        return entries
+
     @staticmethod
     def _core_key(config: EmbeddingBagConfig, k: int) -> str:
         return f"embedding_bags.{config.name}.canonical_cores.{k}" if is_tt_config(config) else f"embedding_bags.{config.name}.weight"
@@ -720,18 +789,21 @@ class ShardedTTEmbeddingBagCollection(
         return out
 
     def _make_distributed(
-        self, local: Tensor | None, metas: list[ShardMetadata], shape: tuple[int, ...], dim: int
+        self, local: Tensor | None, metas: list[ShardMetadata], shape: tuple[int, ...], dim: int,
+        dtype: torch.dtype = torch.float32,
     ) -> Any:
         """A ShardedTensor, or a DTensor when the env asks for DTensor output."""
         if self._output_dtensor:
             return self._make_dtensor(local, metas, shape, dim)
-        return self._make_sharded(local, metas, shape)
+        return self._make_sharded(local, metas, shape, dtype)
 
-    def _make_sharded(self, local: Tensor | None, metas: list[ShardMetadata], shape: tuple[int, ...]) -> ShardedTensor:
+    def _make_sharded(
+        self, local: Tensor | None, metas: list[ShardMetadata], shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+    ) -> ShardedTensor:
         me = self._env.rank
         shards = [Shard(tensor=local, metadata=m) for m in metas if m.placement.rank() == me and local is not None]
         gmeta = ShardedTensorMetadata(
-            shards_metadata=metas, size=torch.Size(shape), tensor_properties=TensorProperties(dtype=torch.float32)
+            shards_metadata=metas, size=torch.Size(shape), tensor_properties=TensorProperties(dtype=dtype)
         )
         return ShardedTensor._init_from_local_shards_and_global_metadata(
             shards, gmeta, process_group=self._env.process_group
@@ -814,6 +886,8 @@ class ShardedTTEmbeddingBagCollection(
             del destination[key]
         for key, tensor in module._ckpt_tensors.items():
             destination[prefix + key] = tensor
+        for key, tensor in module._cache_ckpt_tensors.items():
+            destination[prefix + key] = tensor
         return destination
 
     def _load_state_dict_pre_hook(
@@ -845,17 +919,62 @@ class ShardedTTEmbeddingBagCollection(
                 if shard is None:
                     continue
                 copies.append((shard, k, self._local_piece(value, shard, k, entry, key)))
+        cache_copies = self._validate_cache_state(state_dict, prefix)
         # 2. copy
         with torch.no_grad():
             for shard, k, piece in copies:
                 target = self._canonical_local(shard, k, shard.cores[k].data)
                 if piece.data_ptr() != target.data_ptr():
                     target.copy_(piece)
+            for target, piece in cache_copies:
+                if piece.data_ptr() != target.data_ptr():
+                    target.copy_(piece)
         for c in self._configs:
             for k in range(len(tt_config_shapes(c)[0])):
                 state_dict.pop(prefix + self._core_key(c, k), None)
+        for key in self._cache_ckpt:
+            state_dict.pop(prefix + key, None)
         for name, param in self.named_parameters():
             state_dict[prefix + name] = param
+        for name, buf in self.named_buffers():
+            if ".cache." in name:
+                state_dict[prefix + name] = buf
+
+    def _validate_cache_state(self, state_dict: dict[str, Any], prefix: str) -> list[tuple[Tensor, Tensor]]:
+        """Pieces of the cache checkpoint to copy (validated); a checkpoint without caches empties them."""
+        copies: list[tuple[Tensor, Tensor]] = []
+        tables = {key.split(".")[1] for key in self._cache_ckpt}
+        for table in sorted(tables):
+            keys = [k for k in self._cache_ckpt if k.split(".")[1] == table]
+            present = [k for k in keys if prefix + k in state_dict]
+            if not present:
+                for shard in self._local_shards():
+                    if shard.table_name == table and shard.cache is not None:
+                        logger.info("table '%s': the checkpoint has no cache; starting with an empty one", table)
+                        fresh = shard.cache.empty_state()
+                        copies.extend((buf, fresh[name]) for name, buf in shard.cache.named_buffers())
+                continue
+            for key in keys:
+                entry, local = self._cache_ckpt[key]
+                value = state_dict.get(prefix + key)
+                if value is None or tuple(value.shape) != entry.global_shape:
+                    raise RuntimeError(
+                        f"ShardedTTEmbeddingBagCollection: table '{table}': checkpoint cache tensor {prefix + key} "
+                        f"{'is missing' if value is None else f'has shape {tuple(value.shape)}'}, this plan's cache "
+                        f"needs {entry.global_shape} (cache_size, hashtbl_size, optimizer and the table's shard layout "
+                        "must match the saved ones; call cache_flush() before saving to move a table to another "
+                        "layout); nothing was loaded"
+                    )
+                if local is not None:
+                    copies.append((local, self._local_piece(value, None, 0, entry, key)))  # type: ignore[arg-type]
+        saved = {k[len(prefix) :].split(".")[1] for k in state_dict if k.startswith(prefix + "embedding_bags.") and ".cache." in k}
+        for table in sorted(saved - tables):
+            raise RuntimeError(
+                f"ShardedTTEmbeddingBagCollection: the checkpoint holds an LFU cache for table '{table}', which has "
+                "use_cache=False here; loading it would lose the cached rows' training (call cache_flush() before "
+                "saving); nothing was loaded"
+            )
+        return copies
 
     def _local_piece(self, value: Any, shard: TTLocalShard, k: int, entry: _CkptEntry, key: str) -> Tensor:
         """This rank's part of a checkpoint tensor (ShardedTensor, DTensor or full tensor)."""

@@ -39,8 +39,9 @@ from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_tt.modules.tt_cache import CacheSplit, TTRowCache, fit_tt_rows_
 from torchrec_tt.modules.tt_embedding_bag import TTEmbeddingBag
-from torchrec_tt.modules.tt_embedding_configs import is_tt_config, tt_config_shapes
+from torchrec_tt.modules.tt_embedding_configs import is_tt_config, tt_config_shapes, uses_cache
 from torchrec_tt.modules.tt_embedding_modules import concat_feature_bags
 from torchrec_tt.modules.tt_init import init_tt_cores
 from torchrec_tt.ops import (
@@ -48,11 +49,12 @@ from torchrec_tt.ops import (
     tt_embedding_bag,
     tt_embedding_bag_backward,
     tt_embedding_bag_backward_fused_,
+    tt_lookup_rows,
 )
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TTFusedOptimizerSettings", "TTLocalShard", "TTPooledLookup", "TTStepSync"]
+__all__ = ["TTFusedOptimizerSettings", "TTLocalShard", "TTLookupBags", "TTPooledLookup", "TTStepSync"]
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,13 @@ class TTLocalShard(nn.Module):
             if shape is not None:
                 # not persistent: checkpointed through the fused optimizer's state_dict
                 self.register_buffer(f"optimizer_state_{k}", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.cache: TTRowCache | None = None
+        if uses_cache(config) and self.num_rows > 0:
+            self.cache = TTRowCache(
+                config.cache_size, self.num_cols, config.hashtbl_size, optim.optimizer, config.cache_eviction_policy,
+                populate_interval=config.cache_populate_interval,
+                name=f"{name} (rows {row_offset}+{num_rows}, columns {col_offset}+{num_cols})", device=device, dtype=dtype,
+            )
         self._init_values(config, source)
 
     # ------------------------------------------------------------------ init
@@ -204,20 +213,77 @@ class TTLocalShard(nn.Module):
             return self.cores[0].new_zeros(offsets.numel() - 1, self.num_cols)
         return tt_embedding_bag(list(self.cores), ids, offsets, weights, self.p, self.q, self.ranks, self.num_rows, self.pooling_mode)
 
-    def core_gradients(self, grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None) -> list[Tensor]:
+    def forward_cached(self, ids: Tensor, offsets: Tensor, weights: Tensor | None) -> tuple[Tensor, TTLookupBags]:
+        """Lookup through the cache: hits from the cached rows, misses from the cores.
+
+        Returns:
+            tuple: the pooled output and the bags the backward must use (the misses,
+            pooled as a weighted sum, plus the cache split).
+        """
+        assert self.cache is not None
+        if self.training and self.cache.populate_due():
+            self.cache_populate()
+        split, out = self.cache.split(ids, offsets, weights, bool(self.pooling_mode), self.num_rows)
+        if self.training:
+            self.cache.record(ids)
+        misses = split.misses
+        miss_weights = misses.weights.to(self.cores[0].dtype)
+        if misses.ids.numel():
+            out = out + tt_embedding_bag(
+                list(self.cores), misses.ids, misses.offsets, miss_weights, self.p, self.q, self.ranks, self.num_rows, 0
+            )
+        return out, TTLookupBags(misses.ids, misses.offsets, miss_weights, 0, split)
+
+    def core_gradients(
+        self, grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None, pooling_mode: int | None = None
+    ) -> list[Tensor]:
         if self.num_rows == 0:
             return [torch.zeros_like(c) for c in self.cores]
-        return tt_embedding_bag_backward(
-            grad, list(self.cores), ids, offsets, weights, self.p, self.q, self.ranks, self.num_rows, self.pooling_mode
-        )
+        mode = self.pooling_mode if pooling_mode is None else pooling_mode
+        return tt_embedding_bag_backward(grad, list(self.cores), ids, offsets, weights, self.p, self.q, self.ranks, self.num_rows, mode)
 
-    def fused_backward_(self, grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None) -> None:
+    def fused_backward_(
+        self, grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None, pooling_mode: int | None = None
+    ) -> None:
         if self.num_rows == 0:
             return
         tt_embedding_bag_backward_fused_(
             grad, list(self.cores), self.optimizer_states(), ids, offsets, weights, self.p, self.q, self.ranks,
-            self.num_rows, self.pooling_mode, int(self.optim.optimizer), self.optim.learning_rate, self.optim.eps,
+            self.num_rows, self.pooling_mode if pooling_mode is None else pooling_mode, int(self.optim.optimizer),
+            self.optim.learning_rate, self.optim.eps,
         )
+
+    # ------------------------------------------------------------------ cache
+    def _writeback(self, ids: Tensor, rows: Tensor) -> None:
+        """Fit this shard's unreplicated cores to evicted rows (replicated cores must stay equal on all ranks)."""
+        own = [k for k in range(len(self.cores)) if k not in self.replicated]
+        cores = [c.data for c in self.cores]
+        before, after = fit_tt_rows_(cores, ids, rows, self.p, self.q, self.ranks, self.num_rows, core_indices=own)
+        logger.info(
+            "table '%s' shard (rows %d+%d): wrote %d evicted cache rows back into cores %s, residual %.3e -> %.3e",
+            self.table_name, self.row_offset, self.num_rows, ids.numel(), own, before, after,
+        )
+
+    @torch.no_grad()
+    def cache_populate(self) -> None:
+        """Refresh this shard's cache (see :meth:`TTEmbeddingBag.cache_populate`)."""
+        if self.cache is None:
+            return
+        cores = [c.data for c in self.cores]
+        self.cache.populate(
+            lambda ids: tt_lookup_rows(cores, ids, self.p, self.q, self.ranks, self.num_rows), self._writeback
+        )
+
+    @torch.no_grad()
+    def cache_flush(self) -> None:
+        """Evict every cached row of this shard (written back per the policy)."""
+        if self.cache is not None:
+            self.cache.flush(self._writeback)
+
+    def versions(self) -> list[int]:
+        """Version counters of the tensors a lookup's backward updates."""
+        extra = [self.cache.cache_weight._version] if self.cache is not None else []
+        return [c._version for c in self.cores] + extra
 
     @torch.no_grad()
     def apply_dense_update(self, grads: Sequence[Tensor], row_sumsq0: Tensor | None = None) -> None:
@@ -266,6 +332,17 @@ class TTLocalShard(nn.Module):
                 core.grad = g.to(core.dtype).clone()
             else:
                 core.grad.add_(g.to(core.dtype))
+
+
+@dataclass
+class TTLookupBags:
+    """What a shard's backward needs from its forward: the bags the cores saw, and the cache split."""
+
+    ids: Tensor
+    offsets: Tensor
+    weights: Tensor | None
+    pooling_mode: int | None = None
+    split: CacheSplit | None = None
 
 
 def _empty_fused_optimizer() -> Any:
@@ -378,17 +455,19 @@ class _TTLookupFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, anchor: Tensor, lookup: TTPooledLookup, state: _StepState, bags: list[Any]) -> Tensor:
         ctx.lookup, ctx.state, ctx.bags = lookup, state, bags
-        ctx.versions = [[c._version for c in shard.cores] for shard, *_ in bags]
-        return lookup.pool(bags)
+        out = lookup.pool(bags)
+        ctx.versions = [bag[0].versions() for bag in bags]
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
         lookup: TTPooledLookup = ctx.lookup
         for (shard, *_), versions in zip(ctx.bags, ctx.versions, strict=True):
-            if [c._version for c in shard.cores] != versions:
+            if shard.versions() != versions:
                 raise RuntimeError(
-                    f"sharded TT table '{shard.table_name}': its cores changed between a forward and its backward "
-                    "(two forwards before one backward). Run one backward per forward."
+                    f"sharded TT table '{shard.table_name}': its cores or cache changed between a forward and its "
+                    "backward (two forwards before one backward, or a cache populate in between). Run one backward "
+                    "per forward."
                 )
         lookup.backward(grad_output, ctx.bags, ctx.state)
         return None, None, None, None
@@ -457,14 +536,21 @@ class TTPooledLookup(nn.Module):
             ids, offsets, weights = concat_feature_bags(
                 list(vals[f : f + n]), [lengths[i] for i in range(f, f + n)], None if ws is None else list(ws[f : f + n])
             )
-            bags.append((shard, ids, offsets, weights, n, batch))
+            bags.append([shard, ids, offsets, weights, n, batch])
             f += n
         return bags
 
     def pool(self, bags: list[Any]) -> Tensor:
+        """Pooled outputs of every shard; a cached shard's entry gets the bags its backward needs appended."""
         outs = []
-        for shard, ids, offsets, weights, n, batch in bags:
-            out = shard.forward_bags(ids, offsets, weights).float()  # (n * B, cols)
+        for bag in bags:
+            shard, ids, offsets, weights, n, batch = bag[:6]
+            if shard.cache is not None:
+                out, backward_bags = shard.forward_cached(ids, offsets, weights)
+                bag.append(backward_bags)
+            else:
+                out = shard.forward_bags(ids, offsets, weights)
+            out = out.float()  # (n * B, cols)
             outs.extend(out.split(batch, dim=0) if n > 1 else [out])
         return torch.cat(outs, dim=1) if outs else None  # type: ignore[return-value]
 
@@ -485,15 +571,21 @@ class TTPooledLookup(nn.Module):
     @torch.no_grad()
     def backward(self, grad_output: Tensor, bags: list[Any], state: _StepState) -> None:
         col = 0
-        for shard, ids, offsets, weights, n, _batch in bags:
+        for bag in bags:
+            shard, ids, offsets, weights, n, _batch = bag[:6]
             width = shard.num_cols
             grads = [grad_output[:, col + i * width : col + (i + 1) * width] for i in range(n)]
             col += n * width
             grad = (torch.cat(grads, dim=0) if n > 1 else grads[0]).contiguous().to(shard.cores[0].dtype)
+            mode = None
+            if len(bag) > 6:  # a cached lookup: the cores train on the misses, the cache on the hits
+                cached: TTLookupBags = bag[6]
+                ids, offsets, weights, mode = cached.ids, cached.offsets, cached.weights, cached.pooling_mode
+                shard.cache.apply_update(grad, cached.split, shard.optim.learning_rate, shard.optim.eps)
             local_only = not shard.replicated and not shard.exact_rowwise_cw
             if shard.optim.optimizer is not None and local_only:
-                shard.fused_backward_(grad, ids, offsets, weights)
+                shard.fused_backward_(grad, ids, offsets, weights, mode)
             elif local_only:
-                shard.accumulate_grad(shard.core_gradients(grad, ids, offsets, weights))
+                shard.accumulate_grad(shard.core_gradients(grad, ids, offsets, weights, mode))
             else:
-                state.pending.append(_PendingGrads(shard, shard.core_gradients(grad, ids, offsets, weights)))
+                state.pending.append(_PendingGrads(shard, shard.core_gradients(grad, ids, offsets, weights, mode)))

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from torchrec_tt.modules.optim_types import OptimType, to_fused_optimizer
+from torchrec_tt.modules.tt_cache import CacheSplit, EvictionPolicy, TTRowCache, fit_tt_rows_
 from torchrec_tt.modules.tt_init import WEIGHT_DISTS, init_tt_cores
 from torchrec_tt.modules.tt_shapes import (
     canonical_to_internal,
@@ -66,6 +67,36 @@ class _FusedTTEmbeddingBag(torch.autograd.Function):
         return (None, None, None, weight_grad, *([None] * len(ctx.cores)))
 
 
+class _CachedFusedTTEmbeddingBag(torch.autograd.Function):
+    """Cached lookup (hits from the cache, misses from the cores) whose backward trains both in place."""
+
+    @staticmethod
+    def forward(ctx: Any, table: TTEmbeddingBag, indices: Tensor, offsets: Tensor, weights: Tensor | None, *cores: Tensor) -> Tensor:
+        split, out = table._cached_lookup(indices, offsets, weights)
+        ctx.table, ctx.split, ctx.cores = table, split, cores
+        ctx.versions = [c._version for c in cores] + [table.cache.cache_weight._version]
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
+        table: TTEmbeddingBag = ctx.table
+        split: CacheSplit = ctx.split
+        if [c._version for c in ctx.cores] + [table.cache.cache_weight._version] != ctx.versions:
+            raise RuntimeError(
+                f"TTEmbeddingBag '{table.name}' (sparse=True, use_cache=True): the cores or the cache changed between "
+                "this forward and its backward (a second backward, or a cache_populate() in between). Run one "
+                "backward per lookup and populate between steps."
+            )
+        grad_output = grad_output.contiguous()
+        weight_grad = None
+        if ctx.needs_input_grad[3]:
+            weight_grad = table._cached_weight_grad(grad_output, split)
+        misses = split.misses
+        table._apply_fused_update(grad_output, misses.ids, misses.offsets, misses.weights.to(ctx.cores[0].dtype), PoolingMode.SUM)
+        table.cache.apply_update(grad_output, split, table.learning_rate, table.eps)
+        return (None, None, None, weight_grad, *([None] * len(ctx.cores)))
+
+
 class TTEmbeddingBag(nn.Module):
     """Embedding bag whose table is stored as Tensor-Train cores.
 
@@ -91,9 +122,13 @@ class TTEmbeddingBag(nn.Module):
             ``EXACT_ADAGRAD``, ``EXACT_ROWWISE_ADAGRAD``/``ROWWISE_ADAGRAD``.
         learning_rate (float): fused optimizer's learning rate.
         eps (float): Adagrad's denominator term.
-        use_cache (bool): software cache of hot rows (not implemented yet: raises).
-        cache_size (int): rows in the cache.
-        hashtbl_size (int): entries of the frequency hash table.
+        use_cache (bool): keep the most frequently looked-up rows in an LFU software
+            cache (:class:`~torchrec_tt.modules.tt_cache.TTRowCache`), served and trained
+            without TT computation; needs ``sparse=True``. Rows are counted during
+            training forwards; :meth:`cache_populate` (or ``cache_populate_interval``)
+            refreshes the cache.
+        cache_size (int): rows in the cache (``use_cache=True``).
+        hashtbl_size (int): slots of the access-frequency hash table (``0``: ``4 * cache_size``).
         weight_dist (str): ``"uniform"``, ``"normal"``, ``"approx-uniform"`` or
             ``"approx-normal"`` (see :mod:`torchrec_tt.modules.tt_init`).
         mode (str): ``"sum"`` or ``"mean"`` pooling.
@@ -101,6 +136,11 @@ class TTEmbeddingBag(nn.Module):
         name (str): table name used in error messages.
         device (torch.device, optional): where the cores live (``"meta"`` allowed).
         dtype (torch.dtype, optional): dtype of the cores (default float32).
+        cache_eviction_policy (str): ``"writeback"`` (evicted trained rows are fitted
+            back into the cores) or ``"discard"`` (the TT-Rec paper's behaviour).
+        cache_populate_interval (int): repopulate the cache every this many training
+            forwards (``0``: only when :meth:`cache_populate` is called).
+        cache_max_probes (int): hash-table slots an id probes before it goes uncounted.
 
     Example::
 
@@ -133,11 +173,15 @@ class TTEmbeddingBag(nn.Module):
         name: str = "TTEmbeddingBag",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        cache_eviction_policy: EvictionPolicy | str = EvictionPolicy.WRITEBACK,
+        cache_populate_interval: int = 0,
+        cache_max_probes: int = 8,
     ) -> None:
         super().__init__()
-        if use_cache:
-            raise NotImplementedError(
-                f"TTEmbeddingBag '{name}': use_cache=True (the LFU cache of hot rows) is not implemented yet"
+        if use_cache and not sparse:
+            raise ValueError(
+                f"TTEmbeddingBag '{name}': use_cache=True needs sparse=True (cached rows are trained by the fused "
+                "optimizer; torch.optim optimizers would keep per-slot state across evictions)"
             )
         if mode not in _MODES:
             raise ValueError(f"TTEmbeddingBag '{name}': mode must be 'sum' or 'mean', got {mode!r}")
@@ -160,7 +204,7 @@ class TTEmbeddingBag(nn.Module):
         self._fused_optimizer = fused
         self.learning_rate = float(learning_rate)
         self.eps = float(eps)
-        self.use_cache, self.cache_size, self.hashtbl_size = use_cache, cache_size, hashtbl_size
+        self.use_cache, self.cache_size = use_cache, cache_size
         self.weight_dist = weight_dist
         self.mode = mode
         self._pooling_mode = int(_MODES[mode])
@@ -172,6 +216,13 @@ class TTEmbeddingBag(nn.Module):
         for k, shape in enumerate(self._optimizer_state_shapes()):
             state_dtype = torch.promote_types(factory["dtype"], torch.float32)
             self.register_buffer(f"optimizer_state_{k}", torch.zeros(shape, device=device, dtype=state_dtype))
+        self.cache: TTRowCache | None = None
+        if use_cache:
+            self.cache = TTRowCache(
+                cache_size, embedding_dim, hashtbl_size, fused, cache_eviction_policy, cache_max_probes,
+                cache_populate_interval, name=name, device=device, dtype=factory["dtype"],
+            )
+        self.hashtbl_size = self.cache.hashtbl_size if self.cache is not None else hashtbl_size
         self.reset_parameters()
 
     # ------------------------------------------------------------------ properties
@@ -210,6 +261,10 @@ class TTEmbeddingBag(nn.Module):
         with torch.no_grad():
             for state in self.optimizer_states():
                 state.zero_()
+        if self.cache is not None:
+            with torch.no_grad():
+                for name, fresh in self.cache.empty_state().items():
+                    getattr(self.cache, name).copy_(fresh)
 
     def set_learning_rate(self, learning_rate: float) -> None:
         """Set the fused optimizer's learning rate (used by the next backward)."""
@@ -255,11 +310,33 @@ class TTEmbeddingBag(nn.Module):
                     f"this table has {tuple(mine.shape)} (p={self.tt_p_shapes}, q={self.tt_q_shapes}, "
                     f"ranks={self.tt_ranks}, optimizer={self.optimizer.name}); nothing was loaded"
                 )
+        cache_keys = sorted(k for k in state_dict if k.startswith(prefix + "cache."))
+        if self.cache is None and cache_keys:
+            raise RuntimeError(
+                f"TTEmbeddingBag '{self.name}': the checkpoint holds an LFU cache ({cache_keys[0]}, ...) but this table "
+                "has use_cache=False; loading it would lose the cached rows' training. Call cache_flush() on the "
+                "saved table before saving, or build this table with use_cache=True; nothing was loaded"
+            )
+        if self.cache is not None:
+            mine = dict(self.cache.named_buffers(prefix=prefix + "cache"))
+            if not cache_keys:
+                # A checkpoint without a cache: the cores hold the whole model; start with an empty cache.
+                state_dict.update({f"{prefix}cache.{k}": v for k, v in self.cache.empty_state().items()})
+            for key, mine_t in mine.items():
+                theirs = state_dict.get(key)
+                if theirs is not None and tuple(theirs.shape) != tuple(mine_t.shape):
+                    raise RuntimeError(
+                        f"TTEmbeddingBag '{self.name}': checkpoint tensor {key} has shape {tuple(theirs.shape)}, this "
+                        f"table's cache has {tuple(mine_t.shape)} (cache_size={self.cache.cache_size}, "
+                        f"hashtbl_size={self.cache.hashtbl_size}, optimizer={self.optimizer.name}); nothing was loaded"
+                    )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ dense conversion
     def full_weight(self) -> Tensor:
-        """Materialise the ``num_embeddings x embedding_dim`` table (differentiable).
+        """Materialise the ``num_embeddings x embedding_dim`` table (differentiable w.r.t. the cores).
+
+        With a cache, cached rows hold their cached values.
 
         Example::
 
@@ -267,7 +344,8 @@ class TTEmbeddingBag(nn.Module):
             torch.Size([10, 3])
         """
         ids = torch.arange(self.num_embeddings, device=self.tt_cores[0].device)
-        return tt_lookup_rows(list(self.tt_cores), ids, *self._op_shape_args())
+        rows = tt_lookup_rows(list(self.tt_cores), ids, *self._op_shape_args())
+        return self.cache.overlay(ids, rows) if self.cache is not None else rows
 
     @classmethod
     def from_dense(
@@ -352,6 +430,8 @@ class TTEmbeddingBag(nn.Module):
         """
         indices, offsets, weights = self._bags(input, offsets, per_sample_weights)
         cores = list(self.tt_cores)
+        if self.cache is not None:
+            return self._cached_forward(indices, offsets, weights, cores)
         try:
             if self.sparse and torch.is_grad_enabled():
                 return _FusedTTEmbeddingBag.apply(self, indices, offsets, weights, *cores)
@@ -360,7 +440,9 @@ class TTEmbeddingBag(nn.Module):
             raise type(e)(f"TTEmbeddingBag '{self.name}': {e}") from e
 
     @torch.no_grad()
-    def _apply_fused_update(self, grad_output: Tensor, indices: Tensor, offsets: Tensor, weights: Tensor | None) -> None:
+    def _apply_fused_update(
+        self, grad_output: Tensor, indices: Tensor, offsets: Tensor, weights: Tensor | None, pooling_mode: int | None = None
+    ) -> None:
         tt_embedding_bag_backward_fused_(
             grad_output,
             list(self.tt_cores),
@@ -369,11 +451,101 @@ class TTEmbeddingBag(nn.Module):
             offsets,
             weights,
             *self._op_shape_args(),
-            self._pooling_mode,
+            self._pooling_mode if pooling_mode is None else pooling_mode,
             int(self._fused_optimizer),
             self.learning_rate,
             self.eps,
         )
+
+    # ------------------------------------------------------------------ cache
+    def _cached_forward(self, indices: Tensor, offsets: Tensor, weights: Tensor | None, cores: list[Tensor]) -> Tensor:
+        assert self.cache is not None
+        if self.training and self.cache.populate_due():
+            self.cache_populate()
+        if torch.is_grad_enabled():
+            out = _CachedFusedTTEmbeddingBag.apply(self, indices, offsets, weights, *cores)
+        else:
+            _, out = self._cached_lookup(indices, offsets, weights)
+        return out
+
+    def _cached_lookup(self, indices: Tensor, offsets: Tensor, weights: Tensor | None) -> tuple[CacheSplit, Tensor]:
+        """Hits pooled from the cache plus misses pooled from the cores; counts accesses in training."""
+        assert self.cache is not None
+        split, out = self.cache.split(indices, offsets, weights, self.mode == "mean", self.num_embeddings)
+        if self.training:
+            self.cache.record(indices)
+        misses = split.misses
+        if misses.ids.numel():
+            out = out + tt_embedding_bag(
+                list(self.tt_cores), misses.ids, misses.offsets, misses.weights.to(out.dtype),
+                *self._op_shape_args(), PoolingMode.SUM,
+            )
+        return split, out
+
+    def _cached_weight_grad(self, grad_output: Tensor, split: CacheSplit) -> Tensor:
+        assert self.cache is not None
+        hits, misses = split.hits, split.misses
+        grad = torch.zeros(hits.ids.numel() + misses.ids.numel(), device=grad_output.device, dtype=misses.weights.dtype)
+        grad.index_copy_(0, hits.pos, self.cache.hit_weight_grad(grad_output, split).to(grad.dtype))
+        if misses.ids.numel():
+            dot = per_sample_weights_grad(
+                grad_output, list(self.tt_cores), misses.ids, misses.offsets, *self._op_shape_args(), PoolingMode.SUM
+            )
+            grad.index_copy_(0, misses.pos, dot.to(grad.dtype))
+        if split.mean:
+            lengths = split.offsets[1:] - split.offsets[:-1]
+            bag_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=grad.device), lengths, output_size=grad.numel())
+            grad = grad / lengths.clamp(min=1).index_select(0, bag_of).to(grad.dtype)
+        return grad
+
+    def _writeback(self, ids: Tensor, rows: Tensor) -> None:
+        before, after = fit_tt_rows_([c.data for c in self.tt_cores], ids, rows, *self._op_shape_args())
+        self.last_writeback = (ids.numel(), before, after)
+        logger.info(
+            "TTEmbeddingBag '%s': wrote %d evicted cache rows back into the cores, residual %.3e -> %.3e",
+            self.name, ids.numel(), before, after,
+        )
+
+    def _require_cache(self) -> TTRowCache:
+        if self.cache is None:
+            raise RuntimeError(f"TTEmbeddingBag '{self.name}': built with use_cache=False")
+        return self.cache
+
+    @torch.no_grad()
+    def cache_populate(self) -> None:
+        """Cache the ``cache_size`` most frequently looked-up rows counted so far.
+
+        Rows that stay cached keep their trained values; new rows are materialised
+        from the cores; evicted rows are written back into the cores (policy
+        ``"writeback"``) or dropped (``"discard"``).
+
+        Example::
+
+            >>> emb = TTEmbeddingBag(1000, 16, None, None, [8, 8], sparse=True, use_cache=True, cache_size=4)
+            >>> _ = emb(torch.tensor([5, 5, 7, 9]), torch.tensor([0, 2]))
+            >>> emb.cache_populate()
+            >>> emb.cache.cache_ids[:3].tolist()
+            [5, 7, 9]
+        """
+        cache = self._require_cache()
+        cores = list(self.tt_cores)
+        cache.populate(lambda ids: tt_lookup_rows(cores, ids, *self._op_shape_args()), self._writeback)
+
+    @torch.no_grad()
+    def cache_flush(self) -> None:
+        """Evict every cached row (written back per the policy); the cache is then empty."""
+        self._require_cache().flush(self._writeback)
+
+    def cache_stats(self) -> dict[str, float]:
+        """Cache counters (lookups, hits, unique misses, evictions, hash drops, hit rate); one host sync.
+
+        Example::
+
+            >>> emb = TTEmbeddingBag(100, 8, None, None, [4], sparse=True, use_cache=True, cache_size=2)
+            >>> emb.cache_stats()["hit_rate"]
+            0.0
+        """
+        return self._require_cache().statistics()
 
     def extra_repr(self) -> str:
         s = (
@@ -382,4 +554,7 @@ class TTEmbeddingBag(nn.Module):
         )
         if self.sparse:
             s += f", sparse=True, optimizer={self.optimizer.name}, learning_rate={self.learning_rate}"
+        if self.cache is not None:
+            s += f", use_cache=True, cache_size={self.cache_size}, hashtbl_size={self.hashtbl_size}"
         return s
+

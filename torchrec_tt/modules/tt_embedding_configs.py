@@ -15,10 +15,11 @@ from dataclasses import dataclass, replace
 
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
+from torchrec_tt.modules.tt_cache import EvictionPolicy
 from torchrec_tt.modules.tt_init import WEIGHT_DISTS
 from torchrec_tt.modules.tt_shapes import resolve_tt_shapes, tt_num_parameters
 
-__all__ = ["TTEmbeddingBagConfig", "align_config_for_row_wise", "is_tt_config", "tt_config_shapes"]
+__all__ = ["TTEmbeddingBagConfig", "align_config_for_row_wise", "is_tt_config", "tt_config_shapes", "uses_cache"]
 
 
 @dataclass
@@ -35,6 +36,14 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
         tt_q_shapes (list[int], optional): column factorisation, ``prod == embedding_dim``.
         tt_ranks (int or list[int]): inner TT ranks (one int: all equal). Default 16.
         weight_dist (str): core initialisation (see :mod:`torchrec_tt.modules.tt_init`).
+        use_cache (bool): give every shard of this table an LFU cache of its hot rows
+            (:class:`~torchrec_tt.modules.tt_cache.TTRowCache`); trained by the sharder's
+            fused optimizer, so the table must be sharded (``DistributedModelParallel``,
+            any world size) to train, and not data-parallel.
+        cache_size (int): cached rows per shard.
+        hashtbl_size (int): frequency hash-table slots per shard (``0``: ``4 * cache_size``).
+        cache_eviction_policy (str): ``"writeback"`` or ``"discard"``.
+        cache_populate_interval (int): repopulate every this many training lookups (``0``: manual).
 
     Raises:
         ValueError: naming the table and the violated shape constraint.
@@ -51,9 +60,27 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
     tt_q_shapes: list[int] | None = None
     tt_ranks: int | list[int] = 16
     weight_dist: str = "approx-normal"
+    use_cache: bool = False
+    cache_size: int = 0
+    hashtbl_size: int = 0
+    cache_eviction_policy: str = "writeback"
+    cache_populate_interval: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.use_cache:
+            policies = [p.value for p in EvictionPolicy]
+            if self.cache_size <= 0 or self.cache_populate_interval < 0 or self.cache_eviction_policy not in policies:
+                raise ValueError(
+                    f"TTEmbeddingBagConfig '{self.name}': use_cache=True needs cache_size > 0 (got {self.cache_size}), "
+                    f"cache_populate_interval >= 0 (got {self.cache_populate_interval}) and cache_eviction_policy in "
+                    f"{policies} (got {self.cache_eviction_policy!r})"
+                )
+            if self.hashtbl_size and self.hashtbl_size < self.cache_size:
+                raise ValueError(
+                    f"TTEmbeddingBagConfig '{self.name}': hashtbl_size ({self.hashtbl_size}) must be >= cache_size "
+                    f"({self.cache_size}) or 0"
+                )
         if self.weight_dist not in WEIGHT_DISTS:
             raise ValueError(
                 f"TTEmbeddingBagConfig '{self.name}': weight_dist must be one of {WEIGHT_DISTS}, got {self.weight_dist!r}"
@@ -128,3 +155,8 @@ def align_config_for_row_wise(config: TTEmbeddingBagConfig, world_size: int) -> 
     p = [p1, *config.tt_p_shapes[1:]]
     return replace(config, num_embeddings=math.prod(p), tt_p_shapes=p, tt_q_shapes=list(config.tt_q_shapes),
                    tt_ranks=list(config.tt_ranks))
+
+
+def uses_cache(config: EmbeddingBagConfig) -> bool:
+    """Whether ``config`` is a TT table with ``use_cache=True``."""
+    return bool(getattr(config, "use_cache", False))

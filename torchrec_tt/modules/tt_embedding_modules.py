@@ -26,7 +26,7 @@ from torchrec.modules.embedding_modules import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_tt.modules.tt_embedding_bag import TTEmbeddingBag
-from torchrec_tt.modules.tt_embedding_configs import is_tt_config
+from torchrec_tt.modules.tt_embedding_configs import is_tt_config, uses_cache
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +239,13 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def _lookup(self, cfg: EmbeddingBagConfig, ids: Tensor, offsets: Tensor, weights: Tensor | None) -> Tensor:
         bag = self.embedding_bags[cfg.name]
+        if uses_cache(cfg) and self.training and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"TTEmbeddingBagCollection: table '{cfg.name}' has use_cache=True; its cache is trained by a fused "
+                "optimizer, which the sharder provides: shard the collection with DistributedModelParallel (a world "
+                "size of 1 works) to train it, or set use_cache=False. Unsharded, the collection runs the cores only "
+                "(eval / no_grad)."
+            )
         if isinstance(bag, TTEmbeddingBag):
             return bag(ids, offsets, weights)
         if weights is not None and cfg.pooling == PoolingType.MEAN:

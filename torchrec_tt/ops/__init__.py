@@ -2,6 +2,7 @@
 
 from torchrec_tt.ops._library import FusedOptimizer, PoolingMode
 from torchrec_tt.ops.tt_embedding_bag import (
+    lfu_cache_record_,
     per_sample_weights_grad,
     tt_embedding_bag,
     tt_embedding_bag_backward,
@@ -12,6 +13,7 @@ from torchrec_tt.ops.tt_embedding_bag import (
 __all__ = [
     "FusedOptimizer",
     "PoolingMode",
+    "lfu_cache_record_",
     "per_sample_weights_grad",
     "tt_embedding_bag",
     "tt_embedding_bag_backward",

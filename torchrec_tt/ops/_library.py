@@ -50,6 +50,11 @@ SCHEMAS: dict[str, str] = {
         f"Tensor(b!)[] optimizer_state, {_COMMON_ARGS}, int optimizer, "
         "float learning_rate, float eps) -> ()"
     ),
+    # LFU cache: count one access of every id in an open-addressing hash table (linear
+    # probing, at most max_probes slots); returns the number of ids left uncounted (1-elem).
+    "lfu_cache_record_": (
+        "lfu_cache_record_(Tensor(a!) hash_keys, Tensor(b!) hash_counts, Tensor ids, int max_probes) -> Tensor"
+    ),
     # Materialise individual rows: (N, D) for N ids.
     "tt_lookup_rows": (
         "tt_lookup_rows(Tensor[] cores, Tensor indices, int[] p_shapes, "

@@ -461,7 +461,61 @@ def tt_embedding_bag_backward_fused_(
             core.index_copy_(0, touched, w.to(core.dtype))
 
 
+LFU_EMPTY_KEY = torch.iinfo(torch.int64).max
+LFU_HASH_MULTIPLIER = 2654435761  # Knuth's multiplicative hash constant (< 2^32)
+
+
+def lfu_home_slots(ids: Tensor, size: int) -> Tensor:
+    """Home slot ``((id mod H) * 2654435761) mod H`` of every id (int64, no overflow for ``H < 2^31``)."""
+    return (ids.long() % size) * LFU_HASH_MULTIPLIER % size
+
+
+def lfu_cache_record_(hash_keys: Tensor, hash_counts: Tensor, ids: Tensor, max_probes: int) -> Tensor:
+    """Count one access of every id; returns the number of ids left uncounted (1 element).
+
+    Linear probing from the home slot over at most ``max_probes`` slots: an id is
+    counted in the slot holding it, or claims the first empty one. Vectorised by
+    probe round; concurrent claims of one empty slot in a round go to the smallest
+    id (deterministic). An id whose probed slots all hold other ids is not counted.
+    (The CUDA kernel claims slots with atomic compare-and-swap: same counts for the
+    ids it stores, but a contested slot goes to whichever id wins the race.)
+
+    Example::
+
+        >>> keys = torch.full((8,), LFU_EMPTY_KEY); counts = torch.zeros(8, dtype=torch.long)
+        >>> lfu_cache_record_(keys, counts, torch.tensor([3, 3, 5]), 4).tolist(), int(counts.sum())
+        ([0], 3)
+    """
+    op = "torchrec_tt.lfu_cache_record_"
+    if hash_keys.dtype != torch.int64 or hash_counts.dtype != torch.int64 or hash_keys.shape != hash_counts.shape:
+        raise ValueError(f"{op}: hash_keys and hash_counts must be int64 tensors of one shape")
+    if ids.dim() != 1 or ids.dtype not in (torch.int32, torch.int64) or max_probes < 1:
+        raise ValueError(f"{op}: ids must be 1-D int32/int64 and max_probes >= 1")
+    size = hash_keys.numel()
+    ids = ids.long()
+    pending = torch.ones_like(ids, dtype=torch.bool)
+    if ids.numel() == 0 or size == 0:
+        return pending.sum().reshape(1)
+    home = lfu_home_slots(ids, size)
+    where = torch.zeros_like(ids)
+    empty = torch.full_like(ids, LFU_EMPTY_KEY)
+    for probe in range(max_probes):
+        slot = (home + probe) % size
+        current = hash_keys.index_select(0, slot)
+        found = pending & (current == ids)
+        claim = pending & (current == LFU_EMPTY_KEY)
+        hash_keys.scatter_reduce_(0, slot, torch.where(claim, ids, empty), reduce="amin")
+        resolved = found | (claim & (hash_keys.index_select(0, slot) == ids))
+        where = torch.where(resolved, slot, where)
+        pending &= ~resolved
+        if ids.device.type == "cpu" and not bool(pending.any()):
+            break  # free on CPU; elsewhere the fixed loop avoids a host sync per probe
+    hash_counts.index_add_(0, where, (~pending).long())
+    return pending.sum().reshape(1)
+
+
 for _name, _fn in (
+    ("lfu_cache_record_", lfu_cache_record_),
     ("tt_embedding_bag_forward", tt_embedding_bag_forward),
     ("tt_embedding_bag_backward", tt_embedding_bag_backward),
     ("tt_embedding_bag_backward_fused_", tt_embedding_bag_backward_fused_),

@@ -17,6 +17,7 @@ from torchrec_tt.ops import reference  # noqa: F401  (registers the default kern
 from torchrec_tt.ops._library import NAMESPACE
 
 __all__ = [
+    "lfu_cache_record_",
     "tt_embedding_bag",
     "tt_embedding_bag_backward",
     "tt_embedding_bag_backward_fused_",
@@ -166,6 +167,27 @@ def tt_lookup_rows(
     return _ops.tt_lookup_rows.default(cores, indices, p_shapes, q_shapes, ranks, num_embeddings)
 
 
+def lfu_cache_record_(hash_keys: Tensor, hash_counts: Tensor, ids: Tensor, max_probes: int) -> Tensor:
+    """Count one access of every id in an LFU hash table (in place); returns the uncounted ids (1 element).
+
+    Args:
+        hash_keys (Tensor): int64 keys, ``EMPTY = 2**63 - 1`` where free.
+        hash_counts (Tensor): int64 counts, same shape.
+        ids (Tensor): 1-D int32/int64 ids.
+        max_probes (int): slots probed from an id's home slot before it is given up.
+
+    Returns:
+        Tensor: ``(1,)`` int64 count of ids whose probed slots all held other ids.
+
+    Example::
+
+        >>> keys = torch.full((8,), 2**63 - 1); counts = torch.zeros(8, dtype=torch.long)
+        >>> lfu_cache_record_(keys, counts, torch.tensor([3, 3, 5]), 4).tolist()
+        [0]
+    """
+    return _ops.lfu_cache_record_.default(hash_keys, hash_counts, ids, max_probes)
+
+
 # --------------------------------------------------------------------------- fake kernels
 def _fake_checks(cores: list[Tensor], q_shapes: list[int]) -> None:
     torch._check(len(cores) == len(q_shapes), lambda: "one q_shape per core")
@@ -187,6 +209,11 @@ def _(grad_output, cores, indices, offsets, per_sample_weights, p_shapes, q_shap
 def _(grad_output, cores, optimizer_state, indices, offsets, per_sample_weights, *args):
     _fake_checks(cores, args[1])
     return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::lfu_cache_record_")
+def _(hash_keys, hash_counts, ids, max_probes):
+    return hash_keys.new_empty(1)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::tt_lookup_rows")
