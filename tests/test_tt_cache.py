@@ -22,6 +22,13 @@ from torchrec_tt.modules.tt_cache import EMPTY_ID, TTRowCache, fit_tt_rows_
 N, D = 60, 6
 
 
+@pytest.fixture(params=["exact_sizes", "sync_free"])
+def split_mode(request, monkeypatch):
+    """Run a test with exact-size hit/miss parts (CPU default) and with the padded, sync-free parts (GPU default)."""
+    monkeypatch.setattr(TTRowCache, "sync_free", request.param == "sync_free")
+    return request.param
+
+
 def _make(cache_size=5, **kw):
     kw.setdefault("dtype", torch.float64)
     kw.setdefault("sparse", True)
@@ -59,7 +66,7 @@ def _batch(gen, hot=(3, 7, 11, 19), num_bags=5, max_len=6):
 # ----------------------------------------------------------------------------- forward
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
-def test_cached_forward_equals_dense_oracle_with_cached_rows_overlaid(mode, index_dtype):
+def test_cached_forward_equals_dense_oracle_with_cached_rows_overlaid(mode, index_dtype, split_mode):
     emb = _make(mode=mode)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
@@ -112,7 +119,7 @@ def _oracle_step(optimizer, lr, eps, params, opt, row_state):
 
 @pytest.mark.parametrize("optimizer", [OptimType.EXACT_SGD, OptimType.EXACT_ADAGRAD, OptimType.EXACT_ROWWISE_ADAGRAD])
 @pytest.mark.parametrize("mode", ["sum", "mean"])
-def test_training_with_cache_equals_dense_oracle_and_lfu(optimizer, mode):
+def test_training_with_cache_equals_dense_oracle_and_lfu(optimizer, mode, split_mode):
     """Several steps with two populates (discard policy so the oracle can mirror evictions exactly)."""
     lr, eps, size = 0.2, 1e-6, 4
     emb = _make(cache_size=size, optimizer=optimizer, learning_rate=lr, eps=eps, mode=mode, cache_eviction_policy="discard")
@@ -167,7 +174,7 @@ def test_training_with_cache_equals_dense_oracle_and_lfu(optimizer, mode):
     assert emb.cache_stats()["hits"] > 0
 
 
-def test_per_sample_weight_gradients_with_cache():
+def test_per_sample_weight_gradients_with_cache(split_mode):
     emb = _make(mode="mean")
     gen = torch.Generator().manual_seed(2)
     ids, offsets, _ = _batch(gen)
@@ -271,7 +278,7 @@ def test_full_hash_table_counts_what_fits_and_drops_the_rest():
     assert torch.all(cache.hash_counts[cache.hash_keys != EMPTY_ID] == 2)
 
 
-def test_counting_matches_a_counter_and_statistics():
+def test_counting_matches_a_counter_and_statistics(split_mode):
     emb = _make(cache_size=3, hashtbl_size=512)
     counter: Counter = Counter()
     gen = torch.Generator().manual_seed(5)
@@ -435,3 +442,25 @@ def test_cuda_cache_matches_cpu_and_is_deterministic(optimizer):
         assert torch.equal(again_state[key], gpu_state[key]), key
     assert all(torch.equal(a, b) for a, b in zip(gpu_outs, again_outs, strict=True))
     assert cpu_state["cache.stats"][1] > 0  # hits happened
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_cached_training_step_never_syncs_with_the_host():
+    emb = TTEmbeddingBag(
+        5000, 16, [10, 20, 25], [2, 4, 2], [8, 8], sparse=True, optimizer=OptimType.EXACT_ADAGRAD,
+        use_cache=True, cache_size=64, device="cuda",
+    )
+    ids = (torch.rand(3000, device="cuda").pow(4) * 5000).long()
+    offsets = torch.arange(0, 3000, 30, device="cuda")
+    emb(ids, offsets).sum().backward()
+    emb.cache_populate()
+    grad = torch.randn(100, 16, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            emb(ids, offsets).backward(grad)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert emb.cache_stats()["hits"] > 0

@@ -229,8 +229,10 @@ class TTLocalShard(nn.Module):
         misses = split.misses
         miss_weights = misses.weights.to(self.cores[0].dtype)
         if misses.ids.numel():
-            out = out + tt_embedding_bag(
-                list(self.cores), misses.ids, misses.offsets, miss_weights, self.p, self.q, self.ranks, self.num_rows, 0
+            out = out + misses.real_bags(
+                tt_embedding_bag(
+                    list(self.cores), misses.ids, misses.offsets, miss_weights, self.p, self.q, self.ranks, self.num_rows, 0
+                )
             )
         return out, TTLookupBags(misses.ids, misses.offsets, miss_weights, 0, split)
 
@@ -582,6 +584,7 @@ class TTPooledLookup(nn.Module):
                 cached: TTLookupBags = bag[6]
                 ids, offsets, weights, mode = cached.ids, cached.offsets, cached.weights, cached.pooling_mode
                 shard.cache.apply_update(grad, cached.split, shard.optim.learning_rate, shard.optim.eps)
+                grad = cached.split.misses.padded_grad(grad)
             local_only = not shard.replicated and not shard.exact_rowwise_cw
             if shard.optim.optimizer is not None and local_only:
                 shard.fused_backward_(grad, ids, offsets, weights, mode)

@@ -96,12 +96,28 @@ class BagPart:
         offsets (Tensor): ``B + 1`` bag boundaries of ``ids`` (every input bag, maybe empty).
         weights (Tensor): pooling weight of every id (per-sample weight, divided by the bag
             length for mean pooling): the part is pooled as a weighted sum.
+        num_bags (int): the input's bags; on GPU ``offsets`` has ``num_dummy_bags`` more.
+        num_dummy_bags (int): on GPU the part keeps the input's size (no host sync to learn
+            its count): ``ids`` is padded with id 0 of weight 0, and the padding fills extra
+            bags after the real ones, whose pooled rows are dropped (and whose gradient is 0).
     """
 
     pos: Tensor
     ids: Tensor
     offsets: Tensor
     weights: Tensor
+    num_bags: int
+    num_dummy_bags: int = 0
+
+    def real_bags(self, pooled: Tensor) -> Tensor:
+        """The pooled rows of the input's bags (the dummy bags' rows dropped)."""
+        return pooled[: self.num_bags] if self.num_dummy_bags else pooled
+
+    def padded_grad(self, grad_output: Tensor) -> Tensor:
+        """``grad_output`` with zero rows for the dummy bags."""
+        if not self.num_dummy_bags:
+            return grad_output
+        return torch.cat([grad_output, grad_output.new_zeros(self.num_dummy_bags, grad_output.shape[1])])
 
 
 @dataclass
@@ -145,6 +161,10 @@ class TTRowCache(nn.Module):
         >>> cache.hashtbl_size, cache.cache_weight.shape
         (16, torch.Size([4, 8]))
     """
+
+    #: Split lookups without a host sync (parts padded to the input's size): None = on every
+    #: device but the CPU (where a sync is free and exact sizes are cheaper).
+    sync_free: bool | None = None
 
     def __init__(
         self,
@@ -285,6 +305,8 @@ class TTRowCache(nn.Module):
         ids64 = ids.long()
         slot = torch.searchsorted(self.cache_ids, ids64).clamp_(max=self.cache_size - 1)
         hit = self.cache_ids.index_select(0, slot) == ids64
+        num_hits: int | Tensor
+        sync_free = self.sync_free if self.sync_free is not None else ids.device.type != "cpu"
         if ids.device.type == "cpu":
             bad = ((ids64 < 0) | (ids64 >= num_embeddings)).sum() + (lengths < 0).sum() + (offs[0] != 0) + (offs[-1] != nnz)
             num_hits, num_bad = torch.stack([hit.sum(), bad]).tolist()
@@ -292,9 +314,13 @@ class TTRowCache(nn.Module):
                 check_bag_args(op, ids, offsets, weights, num_embeddings, 0)
                 raise ValueError(f"{op}: malformed ids or offsets")  # pragma: no cover - check_bag_args names it
         else:
-            # The one host sync: it sizes the TT call on the misses. Ids and offsets are
-            # checked on the device by the TT kernels, as without a cache (cached ids are valid).
-            num_hits = int(hit.sum())
+            # Ids and offsets are checked on the device by the TT kernels, as without a cache
+            # (cached ids are valid).
+            num_hits = hit.sum()
+        if sync_free and isinstance(num_hits, int):
+            num_hits = hit.sum()  # a tensor: the two parts keep the input's size (see BagPart)
+        if not sync_free and not isinstance(num_hits, int):
+            num_hits = int(num_hits)
         bag_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=ids.device), lengths, output_size=nnz)
         acc = self._acc_dtype()
         scale = weights.to(acc) if weights is not None else torch.ones(nnz, device=ids.device, dtype=acc)
@@ -304,10 +330,11 @@ class TTRowCache(nn.Module):
         misses = _compact(~hit, nnz - num_hits, ids, offs, scale, scale.dtype, offsets.dtype)
         self._bump("lookups", nnz)
         self._bump("hits", num_hits)
-        if misses.ids.numel():
-            distinct = torch.sort(misses.ids).values
-            self._bump("unique_misses", (distinct[1:] != distinct[:-1]).sum() + 1)
-        return CacheSplit(hits, misses, offs, mean), self._pool(hits)
+        if nnz:
+            # distinct missed ids (hits sort first as -1)
+            keys = torch.sort(torch.where(hit, -1, ids64)).values
+            self._bump("unique_misses", ((keys[1:] != keys[:-1]) & (keys[1:] >= 0)).sum() + (keys[0] >= 0))
+        return CacheSplit(hits, misses, offs, mean), hits.real_bags(self._pool(hits))
 
     def _acc_dtype(self) -> torch.dtype:
         return torch.promote_types(self.cache_weight.dtype, torch.float32)
@@ -321,9 +348,10 @@ class TTRowCache(nn.Module):
         return tt_embedding_bag(cores, hits.ids, hits.offsets, hits.weights, p, q, ranks, n, 0)
 
     def hit_weight_grad(self, grad_output: Tensor, split: CacheSplit) -> Tensor:
-        """``<grad_output[bag], cached row>`` for every hit (in ``split.hits`` order)."""
+        """``<grad_output[bag], cached row>`` for every element of ``split.hits`` (padding included)."""
         cores, p, q, ranks, n = self._table()
-        return per_sample_weights_grad(grad_output, cores, split.hits.ids, split.hits.offsets, p, q, ranks, n, 0)
+        grad = split.hits.padded_grad(grad_output)
+        return per_sample_weights_grad(grad, cores, split.hits.ids, split.hits.offsets, p, q, ranks, n, 0)
 
     # ------------------------------------------------------------------ training
     @torch.no_grad()
@@ -348,7 +376,7 @@ class TTRowCache(nn.Module):
         cores, p, q, ranks, n = self._table()
         states = [self.cache_optimizer_state] if hasattr(self, "cache_optimizer_state") else []
         tt_embedding_bag_backward_fused_(
-            grad_output, cores, states, split.hits.ids, split.hits.offsets, split.hits.weights, p, q, ranks, n, 0,
+            split.hits.padded_grad(grad_output), cores, states, split.hits.ids, split.hits.offsets, split.hits.weights, p, q, ranks, n, 0,
             int(self.optimizer), learning_rate, eps,
         )
 
@@ -432,15 +460,38 @@ class TTRowCache(nn.Module):
         )
 
 
+_MAX_DUMMY_BAGS = 1024
+
+
 def _compact(
-    mask: Tensor, count: int, ids: Tensor, offsets: Tensor, scale: Tensor, dtype: torch.dtype, offsets_dtype: torch.dtype
+    mask: Tensor,
+    count: int | Tensor,
+    ids: Tensor,
+    offsets: Tensor,
+    scale: Tensor,
+    dtype: torch.dtype,
+    offsets_dtype: torch.dtype,
 ) -> BagPart:
-    """The ids where ``mask`` holds (``count`` of them), with their bag boundaries and pooling weights."""
-    pos = torch.nonzero_static(mask, size=count).squeeze(1)
-    before = torch.zeros(mask.numel() + 1, dtype=torch.int64, device=mask.device)
+    """The ids where ``mask`` holds, with their bag boundaries and pooling weights.
+
+    ``count`` is their number: an int gives an exact-size part; a device tensor a part of
+    the input's size, padded with id 0 of weight 0 spread over dummy bags after the real
+    ones (no host sync; see :class:`BagPart`).
+    """
+    nnz, num_bags = mask.numel(), offsets.numel() - 1
+    before = torch.zeros(nnz + 1, dtype=torch.int64, device=mask.device)
     torch.cumsum(mask, 0, out=before[1:])
-    return BagPart(pos, ids.index_select(0, pos), before.index_select(0, offsets).to(offsets_dtype),
-                   scale.index_select(0, pos).to(dtype))
+    real = before.index_select(0, offsets)
+    if isinstance(count, int):
+        pos = torch.nonzero_static(mask, size=count).squeeze(1)
+        return BagPart(pos, ids.index_select(0, pos), real.to(offsets_dtype), scale.index_select(0, pos).to(dtype), num_bags)
+    pos = torch.nonzero_static(mask, size=nnz, fill_value=nnz).squeeze(1)
+    part_ids = torch.cat([ids, ids.new_zeros(1)]).index_select(0, pos)
+    weights = torch.cat([scale, scale.new_zeros(1)]).index_select(0, pos).to(dtype)
+    dummy = max(1, min(_MAX_DUMMY_BAGS, nnz))
+    steps = torch.arange(1, dummy + 1, device=mask.device)
+    bounds = count + (nnz - count) * steps // dummy  # the padding, split evenly; the last one ends at nnz
+    return BagPart(pos, part_ids, torch.cat([real, bounds]).to(offsets_dtype), weights, num_bags, dummy)
 
 
 def _cache_owners(model: nn.Module) -> list[nn.Module]:

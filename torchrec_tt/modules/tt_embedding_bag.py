@@ -92,7 +92,10 @@ class _CachedFusedTTEmbeddingBag(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             weight_grad = table._cached_weight_grad(grad_output, split)
         misses = split.misses
-        table._apply_fused_update(grad_output, misses.ids, misses.offsets, misses.weights.to(ctx.cores[0].dtype), PoolingMode.SUM)
+        table._apply_fused_update(
+            misses.padded_grad(grad_output), misses.ids, misses.offsets, misses.weights.to(ctx.cores[0].dtype),
+            PoolingMode.SUM,
+        )
         table.cache.apply_update(grad_output, split, table.learning_rate, table.eps)
         return (None, None, None, weight_grad, *([None] * len(ctx.cores)))
 
@@ -476,22 +479,28 @@ class TTEmbeddingBag(nn.Module):
             self.cache.record(indices)
         misses = split.misses
         if misses.ids.numel():
-            out = out + tt_embedding_bag(
-                list(self.tt_cores), misses.ids, misses.offsets, misses.weights.to(out.dtype),
-                *self._op_shape_args(), PoolingMode.SUM,
+            out = out + misses.real_bags(
+                tt_embedding_bag(
+                    list(self.tt_cores), misses.ids, misses.offsets, misses.weights.to(out.dtype),
+                    *self._op_shape_args(), PoolingMode.SUM,
+                )
             )
         return split, out
 
     def _cached_weight_grad(self, grad_output: Tensor, split: CacheSplit) -> Tensor:
         assert self.cache is not None
         hits, misses = split.hits, split.misses
-        grad = torch.zeros(hits.ids.numel() + misses.ids.numel(), device=grad_output.device, dtype=misses.weights.dtype)
+        nnz = hits.pos.numel() if hits.num_dummy_bags else hits.pos.numel() + misses.pos.numel()
+        # one slot past the end takes the padding of sync-free (GPU) parts
+        grad = torch.zeros(nnz + 1, device=grad_output.device, dtype=misses.weights.dtype)
         grad.index_copy_(0, hits.pos, self.cache.hit_weight_grad(grad_output, split).to(grad.dtype))
         if misses.ids.numel():
             dot = per_sample_weights_grad(
-                grad_output, list(self.tt_cores), misses.ids, misses.offsets, *self._op_shape_args(), PoolingMode.SUM
+                misses.padded_grad(grad_output), list(self.tt_cores), misses.ids, misses.offsets,
+                *self._op_shape_args(), PoolingMode.SUM,
             )
             grad.index_copy_(0, misses.pos, dot.to(grad.dtype))
+        grad = grad[:nnz]
         if split.mean:
             lengths = split.offsets[1:] - split.offsets[:-1]
             bag_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=grad.device), lengths, output_size=grad.numel())
