@@ -24,7 +24,7 @@ N, D = 60, 6
 
 @pytest.fixture(params=["exact_sizes", "sync_free"])
 def split_mode(request, monkeypatch):
-    """Run a test with exact-size hit/miss parts (CPU default) and with the padded, sync-free parts (GPU default)."""
+    """Run a test with exact-size hit/miss parts (default) and with the padded, sync-free parts."""
     monkeypatch.setattr(TTRowCache, "sync_free", request.param == "sync_free")
     return request.param
 
@@ -446,7 +446,8 @@ def test_cuda_cache_matches_cpu_and_is_deterministic(optimizer):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_cached_training_step_never_syncs_with_the_host():
+def test_cuda_cached_training_step_never_syncs_with_the_host(monkeypatch):
+    monkeypatch.setattr(TTRowCache, "sync_free", True)
     emb = TTEmbeddingBag(
         5000, 16, [10, 20, 25], [2, 4, 2], [8, 8], sparse=True, optimizer=OptimType.EXACT_ADAGRAD,
         use_cache=True, cache_size=64, device="cuda",

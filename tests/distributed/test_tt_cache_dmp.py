@@ -146,7 +146,7 @@ def _training_worker(rank: int, world_size: int, cases: list[tuple[str, str, boo
     batch, gb = 4, 4 * world_size
     lo, hi = rank * batch, (rank + 1) * batch
     for kind, opt, sync_free in cases:
-        TTRowCache.sync_free = sync_free  # the GPU's padded, sync-free split, here on the CPU
+        TTRowCache.sync_free = sync_free  # the padded, sync-free split (an option) or exact parts
         configs = _configs("discard")
         plan_spec = _plan(kind)
         dmp, plan = build_dmp(rank, world_size, plan_spec, fused[opt], False, table_configs=configs)

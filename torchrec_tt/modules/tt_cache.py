@@ -24,7 +24,8 @@ Design (see the README, "Software cache"):
   no dense id-to-slot map of ``num_embeddings`` entries is stored. Cached rows
   are a one-core TT table (``p=[cache_size], q=[D]``) pooled by the same kernels;
   hits and misses are compacted into two lookups, which costs one host
-  synchronisation per lookup (the number of hits sizes both).
+  synchronisation per lookup (the number of hits sizes both); ``TTRowCache.sync_free
+  = True`` pads both parts to the input's size instead (no sync, slower).
 * **Training.** Gradients of cached rows are summed per slot deterministically
   (the fused TT backward op on the one-core cache table, no float atomics) and the fused optimizer
   (SGD, Adagrad, row-wise Adagrad) updates the rows exactly as it would update
@@ -97,9 +98,10 @@ class BagPart:
         weights (Tensor): pooling weight of every id (per-sample weight, divided by the bag
             length for mean pooling): the part is pooled as a weighted sum.
         num_bags (int): the input's bags; on GPU ``offsets`` has ``num_dummy_bags`` more.
-        num_dummy_bags (int): on GPU the part keeps the input's size (no host sync to learn
-            its count): ``ids`` is padded with id 0 of weight 0, and the padding fills extra
-            bags after the real ones, whose pooled rows are dropped (and whose gradient is 0).
+        num_dummy_bags (int): with ``TTRowCache.sync_free`` the part keeps the input's size (no
+            host sync to learn its count): ``ids`` is padded with id 0 of weight 0, and the
+            padding fills extra bags after the real ones, whose pooled rows are dropped (and
+            whose gradient is 0).
     """
 
     pos: Tensor
@@ -162,9 +164,10 @@ class TTRowCache(nn.Module):
         (16, torch.Size([4, 8]))
     """
 
-    #: Split lookups without a host sync (parts padded to the input's size): None = on every
-    #: device but the CPU (where a sync is free and exact sizes are cheaper).
-    sync_free: bool | None = None
+    #: Split lookups without a host sync, the hit and miss parts padded to the input's size
+    #: (CUDA-graph capturable). Off by default: measured on an H200 it is slower (the padding
+    #: is one long run of id 0 for the kernels' segmented reductions), see benchmarks/NOTES.md.
+    sync_free: bool = False
 
     def __init__(
         self,
@@ -306,7 +309,7 @@ class TTRowCache(nn.Module):
         slot = torch.searchsorted(self.cache_ids, ids64).clamp_(max=self.cache_size - 1)
         hit = self.cache_ids.index_select(0, slot) == ids64
         num_hits: int | Tensor
-        sync_free = self.sync_free if self.sync_free is not None else ids.device.type != "cpu"
+        sync_free = self.sync_free
         if ids.device.type == "cpu":
             bad = ((ids64 < 0) | (ids64 >= num_embeddings)).sum() + (lengths < 0).sum() + (offs[0] != 0) + (offs[-1] != nnz)
             num_hits, num_bad = torch.stack([hit.sum(), bad]).tolist()
@@ -315,7 +318,7 @@ class TTRowCache(nn.Module):
                 raise ValueError(f"{op}: malformed ids or offsets")  # pragma: no cover - check_bag_args names it
         else:
             # Ids and offsets are checked on the device by the TT kernels, as without a cache
-            # (cached ids are valid).
+            # (cached ids are valid). Unless sync_free, the hit count is the one host sync.
             num_hits = hit.sum()
         if sync_free and isinstance(num_hits, int):
             num_hits = hit.sum()  # a tensor: the two parts keep the input's size (see BagPart)
@@ -330,10 +333,12 @@ class TTRowCache(nn.Module):
         misses = _compact(~hit, nnz - num_hits, ids, offs, scale, scale.dtype, offsets.dtype)
         self._bump("lookups", nnz)
         self._bump("hits", num_hits)
-        if nnz:
-            # distinct missed ids (hits sort first as -1)
-            keys = torch.sort(torch.where(hit, -1, ids64)).values
+        if sync_free and nnz:
+            keys = torch.sort(torch.where(hit, -1, ids64)).values  # hits sort first as -1
             self._bump("unique_misses", ((keys[1:] != keys[:-1]) & (keys[1:] >= 0)).sum() + (keys[0] >= 0))
+        elif misses.ids.numel():
+            keys = torch.sort(misses.ids).values
+            self._bump("unique_misses", (keys[1:] != keys[:-1]).sum() + 1)
         return CacheSplit(hits, misses, offs, mean), hits.real_bags(self._pool(hits))
 
     def _acc_dtype(self) -> torch.dtype:
