@@ -87,6 +87,8 @@ DENSE_OPTIMIZERS = ("adagrad", "adam", "sgd")
 EMBEDDING_OPTIMIZERS = ("exact_row_wise_adagrad", "exact_adagrad", "exact_sgd", "sgd", "row_wise_adagrad")
 SHARDINGS = ("planner", "table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise")
 DEVICES = ("auto", "cpu", "cuda")
+#: ``--comm_codec`` values (same as ``torchrec_tt.distributed.comm_codec.COMM_CODECS``).
+COMM_CODECS = ("none", "fp16", "bf16", "eb4", "eb8", "eb16", "eb_adaptive")
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -291,6 +293,14 @@ class TrainConfig:
         nproc (int): start this many local worker processes (when not already launched by
             ``torchrun``); 0 or 1 = run in this process.
         sharding (str): ``planner`` (TT-aware planner) or one sharding type for every table.
+        comm_codec (str): codec of the pooled-embedding all-to-all (forward values and backward
+            gradients): ``none`` (FP32), ``fp16`` / ``bf16`` (TorchRec's ``QCommsConfig``, every
+            comm op), ``eb4`` / ``eb8`` / ``eb16`` (error-bounded fixed-rate codec, see
+            :mod:`torchrec_tt.distributed.comm_codec`; reduce-scatter in FP16) or
+            ``eb_adaptive`` (error bound adapted per table and per iteration).
+        comm_codec_options (dict): overrides for the error-bounded codecs, e.g.
+            ``{block_size: 16, forward: {mode: abs, schedule: 0.002}}`` (see
+            ``make_comm_codecs_registry``).
         num_threads (int): intra-op threads per rank on CPU (0: cores / local ranks).
         progress_bar (bool): tqdm bar on rank 0.
         simulate_failure_at_step (int): testing aid: rank 0 SIGKILLs itself after this step
@@ -315,6 +325,8 @@ class TrainConfig:
     device: str = "auto"
     nproc: int = 0
     sharding: str = "planner"
+    comm_codec: str = "none"
+    comm_codec_options: dict[str, Any] = field(default_factory=dict)
     num_threads: int = 0
     progress_bar: bool = True
     simulate_failure_at_step: int = 0
@@ -322,6 +334,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_choice("device", self.device, DEVICES)
         _check_choice("sharding", self.sharding, SHARDINGS)
+        _check_choice("comm_codec", self.comm_codec, COMM_CODECS)
         for name in ("train_steps", "epochs", "eval_every", "eval_batches", "checkpoint_every", "nproc", "num_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -522,7 +535,8 @@ def _build_parser(yaml_defaults: dict[str, Any]) -> argparse.ArgumentParser:
             kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"default: {default!r}", "metavar": f.name.upper()}
             if typing.get_origin(tp) is list:
                 kwargs["nargs"] = "*"
-            group.add_argument(f"--{f.name}", **kwargs)
+            flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+            group.add_argument(*flags, dest=f.name, **kwargs)  # --comm_codec and --comm-codec
     return parser
 
 

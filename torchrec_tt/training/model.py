@@ -287,12 +287,16 @@ def _tt_distributed() -> Any:
     return tt_dist
 
 
-def make_sharders(model: DLRMTrain, cfg: OptimConfig) -> list[ModuleSharder[nn.Module]]:
+def make_sharders(
+    model: DLRMTrain, cfg: OptimConfig, qcomm_codecs_registry: dict[str, Any] | None = None
+) -> list[ModuleSharder[nn.Module]]:
     """Sharders for the model's collection, with the fused embedding optimizer.
 
     Args:
         model (DLRMTrain): the unsharded model.
         cfg (OptimConfig): embedding optimizer settings (``fused_params``).
+        qcomm_codecs_registry (dict, optional): quantized comm codecs of the output dists
+            (``--comm_codec``).
 
     Returns:
         list[ModuleSharder]: the TT sharder for a TT collection, torchrec's otherwise.
@@ -301,8 +305,12 @@ def make_sharders(model: DLRMTrain, cfg: OptimConfig) -> list[ModuleSharder[nn.M
 
     fused = _fused_params(cfg)
     if isinstance(sparse_collection(model), TTEmbeddingBagCollection):
-        return [_tt_distributed().TTEmbeddingBagCollectionSharder(fused_params=fused)]
-    return [EmbeddingBagCollectionSharder(fused_params=fused)]
+        return [
+            _tt_distributed().TTEmbeddingBagCollectionSharder(
+                fused_params=fused, qcomm_codecs_registry=qcomm_codecs_registry
+            )
+        ]
+    return [EmbeddingBagCollectionSharder(fused_params=fused, qcomm_codecs_registry=qcomm_codecs_registry)]
 
 
 def _constraints(

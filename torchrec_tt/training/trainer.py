@@ -377,6 +377,32 @@ def _configure_logging(rank: int) -> None:
     logging.getLogger("torchrec_tt").setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
+def _comm_codecs_registry(cfg: ExperimentConfig, tables: list[Any], device: torch.device) -> dict[str, Any] | None:
+    """The ``qcomm_codecs_registry`` of ``--comm_codec`` (None for ``none``)."""
+    if cfg.train.comm_codec == "none":
+        return None
+    from torchrec_tt.distributed.comm_codec import make_comm_codecs_registry
+
+    dims = [t.embedding_dim for t in tables]
+    return make_comm_codecs_registry(cfg.train.comm_codec, device, embedding_dims=dims, **cfg.train.comm_codec_options)
+
+
+def _comm_policies(registry: dict[str, Any] | None) -> list[Any]:
+    if registry is None:
+        return []
+    from torchrec_tt.distributed.comm_codec import comm_codec_policies
+
+    return comm_codec_policies(registry)
+
+
+def _comm_stats(policy: Any) -> dict[str, Any]:
+    """The codec counters worth a metrics row (reads device counters: call at log time)."""
+    s = policy.summary()
+    keys = ("bits", "error_bound", "relative_target", "calls", "wire_bytes", "fp32_bytes", "compression_vs_fp32",
+            "violations", "nonfinite", "max_abs", "max_guaranteed_error", "block_max_quantiles")
+    return {k: s[k] for k in keys if k in s}
+
+
 def run(cfg: ExperimentConfig) -> dict[str, Any] | None:
     """Train and evaluate on this worker process (call once per rank).
 
@@ -417,7 +443,9 @@ def _run(
         from torchrec_tt.distributed.fbgemm_cuda_fallback import register_fbgemm_cuda_fallbacks
 
         register_fbgemm_cuda_fallbacks()
-    sharders = make_sharders(model, cfg.optim)
+    registry = _comm_codecs_registry(cfg, tables, device)
+    comm_policies = _comm_policies(registry)  # error-bounded codecs: stepped every iteration below
+    sharders = make_sharders(model, cfg.optim, registry)
     env = ShardingEnv.from_process_group(dist.group.WORLD)
     dmp: DistributedModelParallel = shard_model(
         model, env, device, sharders, tc, cfg.optim, cfg.data.batch_size, local_world
@@ -495,6 +523,8 @@ def _run(
             break
         step += 1
         bar.update(1)
+        for policy in comm_policies:
+            policy.step(step)
         window[0] += loss.double() * labels.numel()
         window[1] += labels.numel()
         if step % tc.log_every == 0 or step == total_steps:
@@ -509,6 +539,8 @@ def _run(
                 "samples_per_s": round(clock.close_window(now, n), 1), "data_wait_frac": round(wait_frac, 4),
                 "elapsed_s": round(time.time() - t_start, 2),
             }
+            if comm_policies:  # this rank's codec counters (metrics.jsonl only)
+                row["comm"] = {p.name: _comm_stats(p) for p in comm_policies}
             metrics.write(**row)
             bar.set_postfix(loss=row["loss"], sps=row["samples_per_s"])
             window.zero_()
@@ -556,8 +588,11 @@ def _run(
         **{f"{split}_auc": round(res["auc"], 6) for split, res in eval_results.items()},
         **{f"{split}_loss": round(res["loss"], 6) for split, res in eval_results.items()},
         "wall_s": round(time.time() - t_start, 1),
+        "comm_codec": tc.comm_codec,
         "tables": sizes_report.per_table,
     }
+    if comm_policies:
+        summary["comm_codec_stats"] = {p.name: _comm_stats(p) for p in comm_policies}
     if tc.test_with_val and "best_val" in selection:
         summary["best_val_step"] = selection["best_step"]
         summary["best_val_auc"] = round(selection["best_val"]["auc"], 6)
