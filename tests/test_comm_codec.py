@@ -290,7 +290,7 @@ def test_cuda_no_host_sync_and_matches_cpu(bits):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     # same format as on the CPU (bytes may differ only where a quotient rounds differently)
-    assert wire.shape == want.shape and (wire.cpu() != want).float().mean() < 1e-4
+    assert wire.shape == want.shape and (wire.cpu() != want).float().mean() < 1e-3
     assert_within_bound(x, y.cpu(), bits, 32)
 
 

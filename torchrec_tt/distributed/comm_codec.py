@@ -79,6 +79,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -685,13 +686,23 @@ class ErrorBoundedCommCodec:
             raise ValueError(f"block_size must be even and >= 2, got {block_size}")
         self.policy = policy if policy is not None else ErrorBoundPolicy("fixed", bits=8)
         self.block_size = block_size
-        self._encode: Callable[..., tuple[Tensor, Tensor, Tensor]] = encode_blocks
-        self._decode: Callable[..., Tensor] = decode_blocks
-        if compile:
-            # dynamic lengths (forward, backward and evaluation calls differ) and grad mode off in
-            # encode/decode: one compiled graph per width, well inside dynamo's recompile limit
-            self._encode = torch.compile(encode_blocks, dynamic=True)
-            self._decode = torch.compile(decode_blocks, dynamic=True)
+        self._compile = compile
+        self._compiled: dict[tuple[str, int], Callable[..., Any]] = {}
+
+    def _kernel(self, kind: str, bits: int) -> Callable[..., Any]:
+        """``encode_blocks`` / ``decode_blocks`` with the width and block size bound.
+
+        With ``compile=True``: one ``torch.compile``'d function per (kind, width), dynamic in the
+        length only (forward, backward and evaluation calls differ), the width a constant (a
+        symbolic width broke dynamo on torch 2.11: ``1 << (bits - 1)`` on a SymInt).
+        """
+        fn = encode_blocks if kind == "encode" else decode_blocks
+        if not self._compile:
+            return functools.partial(fn, bits=bits, block_size=self.block_size)
+        key = (kind, bits)
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(functools.partial(fn, bits=bits, block_size=self.block_size), dynamic=True)
+        return self._compiled[key]
 
     def __repr__(self) -> str:
         return f"ErrorBoundedCommCodec(block_size={self.block_size}, {self.policy.describe()})"
@@ -713,7 +724,7 @@ class ErrorBoundedCommCodec:
         bits = self._bits(ctx)
         quantized_numel(input_tensor.numel(), bits, self.block_size)  # validates the length
         with torch.no_grad():  # torchrec's autograd Functions carry the gradients, never the payload
-            payload, absmax, nonfinite = self._encode(input_tensor, bits, self.block_size)
+            payload, absmax, nonfinite = self._kernel("encode", bits)(input_tensor)
             self.policy.record(absmax, nonfinite, bits, self.block_size)
         return payload
 
@@ -725,7 +736,7 @@ class ErrorBoundedCommCodec:
         if input_grad.numel() % block_bytes(bits, self.block_size):
             raise ValueError(f"payload of {input_grad.numel()} bytes is not a whole number of {bits}-bit blocks")
         with torch.no_grad():
-            return self._decode(input_grad, bits, self.block_size)
+            return self._kernel("decode", bits)(input_grad)
 
     def calc_quantized_size(self, input_len: int, ctx: ErrorBoundedCodecContext | None = None) -> int:
         """Payload bytes for ``input_len`` values (a pure function of the length and the width)."""
