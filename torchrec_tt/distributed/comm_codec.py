@@ -692,16 +692,18 @@ class ErrorBoundedCommCodec:
     def _kernel(self, kind: str, bits: int) -> Callable[..., Any]:
         """``encode_blocks`` / ``decode_blocks`` with the width and block size bound.
 
-        With ``compile=True``: one ``torch.compile``'d function per (kind, width), dynamic in the
-        length only (forward, backward and evaluation calls differ), the width a constant (a
-        symbolic width broke dynamo on torch 2.11: ``1 << (bits - 1)`` on a SymInt).
+        With ``compile=True``: one ``torch.compile``'d function per (kind, width); dynamo's
+        automatic dynamic shapes make the length symbolic after its first change (forward,
+        backward and evaluation calls differ) while the width stays a constant (with
+        ``dynamic=True`` the width became a SymInt and ``1 << (bits - 1)`` broke dynamo on
+        torch 2.11).
         """
         fn = encode_blocks if kind == "encode" else decode_blocks
         if not self._compile:
             return functools.partial(fn, bits=bits, block_size=self.block_size)
         key = (kind, bits)
         if key not in self._compiled:
-            self._compiled[key] = torch.compile(functools.partial(fn, bits=bits, block_size=self.block_size), dynamic=True)
+            self._compiled[key] = torch.compile(functools.partial(fn, bits=bits, block_size=self.block_size))
         return self._compiled[key]
 
     def __repr__(self) -> str:
