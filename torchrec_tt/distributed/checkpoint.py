@@ -52,9 +52,10 @@ def _cache_table(key: str) -> str | None:
     return None
 
 
-def _drop_caches_missing_from(model_state: dict[str, Any], checkpoint_id: str | os.PathLike[str]) -> None:
+def _drop_caches_missing_from(
+    model_state: dict[str, Any], saved: dict[str, Any], checkpoint_id: str | os.PathLike[str]
+) -> None:
     """Tables whose cache the checkpoint lacks load with an empty cache: do not ask DCP for it."""
-    saved = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
     saved_tables = {_cache_table(k) for k in saved} - {None}
     for key in [k for k in model_state if _cache_table(k) is not None and _cache_table(k) not in saved_tables]:
         logger.info("checkpoint %s has no cache for %s: it loads with an empty cache", os.fspath(checkpoint_id), key)
@@ -107,7 +108,14 @@ def validate_checkpoint(state: dict[str, Any], checkpoint_id: str | os.PathLike[
     Raises:
         ValueError: keys missing from the checkpoint or with another global shape.
     """
-    saved = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
+    _validate(state, _saved_metadata(checkpoint_id), checkpoint_id)
+
+
+def _saved_metadata(checkpoint_id: str | os.PathLike[str]) -> dict[str, Any]:
+    return dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
+
+
+def _validate(state: dict[str, Any], saved: dict[str, Any], checkpoint_id: str | os.PathLike[str]) -> None:
     flat: dict[str, Any] = {}
     _flatten("", state, flat)
     problems = []
@@ -145,8 +153,9 @@ def load_checkpoint(model: nn.Module, checkpoint_id: str | os.PathLike[str], opt
         >>> load_checkpoint(dmp, "/tmp/ckpt", dmp.fused_optimizer)
     """
     state = _state(model, optimizer)
-    _drop_caches_missing_from(state["model"], checkpoint_id)
-    validate_checkpoint(state, checkpoint_id)
+    saved = _saved_metadata(checkpoint_id)
+    _drop_caches_missing_from(state["model"], saved, checkpoint_id)
+    _validate(state, saved, checkpoint_id)
     dcp.load(state, checkpoint_id=checkpoint_id)
     model.load_state_dict(state["model"])
     if optimizer is not None:

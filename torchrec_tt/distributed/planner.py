@@ -27,6 +27,7 @@ from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_tt.distributed.tt_embeddingbag import TT_COMPUTE_KERNEL, resolve_table_optimizer
+from torchrec_tt.modules.tt_cache import TTRowCache
 from torchrec_tt.modules.tt_embedding_configs import tt_config_shapes, uses_cache
 from torchrec_tt.modules.tt_embedding_modules import TTEmbeddingBagCollection
 from torchrec_tt.modules.tt_shapes import tt_flops_per_row
@@ -64,8 +65,8 @@ def tt_shard_bytes(
     A row shard holds whole first-core slices and full inner cores; a column shard
     a ``q_1`` slice of the first core and full inner cores. Adagrad keeps one state
     value per core entry, row-wise Adagrad one per core slice, SGD none. A table
-    with ``use_cache=True`` adds, per shard, ``cache_size`` rows of ``shard_cols``
-    values with their optimizer state, their ids, and 16 bytes per hash-table slot.
+    with ``use_cache=True`` adds, per shard, the bytes of its cache's buffers (rows,
+    optimizer state, ids, hash table: :meth:`TTRowCache.buffer_layout`).
 
     Args:
         config (EmbeddingBagConfig): the table (plain tables are one-core TTs).
@@ -97,9 +98,8 @@ def tt_shard_bytes(
         state = sum(local_p)
     total = (entries + state) * element_size
     if uses_cache(config) and shard_rows > 0:
-        size = config.cache_size
-        cache_state = {FusedOptimizer.ADAGRAD: size * shard_cols, FusedOptimizer.ROWWISE_ADAGRAD: size}.get(optimizer, 0)  # type: ignore[arg-type]
-        total += size * shard_cols * element_size + cache_state * 4 + size * 8 + 16 * (config.hashtbl_size or 4 * size) + 48
+        layout = TTRowCache.buffer_layout(config.cache_size, shard_cols, config.hashtbl_size, optimizer)
+        total += sum(numel * dtype.itemsize for numel, dtype in layout.values())
     return total
 
 

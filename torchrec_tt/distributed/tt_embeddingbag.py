@@ -100,7 +100,7 @@ from torchrec_tt.distributed.tt_lookup import (
     _TTSyncPoint,
 )
 from torchrec_tt.modules.optim_types import to_fused_optimizer
-from torchrec_tt.modules.tt_cache import STAT_NAMES
+from torchrec_tt.modules.tt_cache import TTRowCache
 from torchrec_tt.modules.tt_embedding_configs import is_tt_config, tt_config_shapes, uses_cache
 from torchrec_tt.modules.tt_embedding_modules import TTEmbeddingBagCollection
 from torchrec_tt.modules.tt_shapes import internal_to_canonical
@@ -234,9 +234,6 @@ class _CkptEntry:
     global_shape: tuple[int, ...]
     sharded: bool  # True: ShardedTensor over the ranks in `shards`; False: plain (replicated) tensor
     shards: list[ShardMetadata]
-
-
-_CACHE_DTYPES = dict.fromkeys(("hash_keys", "hash_counts", "cache_ids", "stats", "populate_clock"), torch.int64)
 
 
 def _placement(rank: int, device: torch.device) -> str:
@@ -429,8 +426,8 @@ class ShardedTTEmbeddingBagCollection(
         self._build_checkpoint_tensors()
         self._cache_ckpt = self._build_cache_entries()
         self._cache_ckpt_tensors = {
-            key: self._make_distributed(local, entry.shards, entry.global_shape, 0, _CACHE_DTYPES.get(key.split(".")[-1], torch.float32))
-            for key, (entry, local) in self._cache_ckpt.items()
+            key: self._make_distributed(local, entry.shards, entry.global_shape, 0, dtype)
+            for key, (entry, local, dtype) in self._cache_ckpt.items()
         }
         self._optim = self._build_fused_optimizer()
         self._register_state_dict_hook(ShardedTTEmbeddingBagCollection._state_dict_hook)
@@ -695,14 +692,14 @@ class ShardedTTEmbeddingBagCollection(
                 entries[key] = _CkptEntry(shape, True, metas)
         return entries
 
-    def _build_cache_entries(self) -> dict[str, tuple[_CkptEntry, Tensor | None]]:
+    def _build_cache_entries(self) -> dict[str, tuple[_CkptEntry, Tensor | None, torch.dtype]]:
         """Checkpoint layout of the LFU caches: per buffer, one 1-D tensor with a block per table shard.
 
         The blocks follow the plan's shard order, so a cache checkpoint loads into the same
         shard layout (placement on other ranks is fine); the validation in the load hook
         refuses any other layout.
         """
-        entries: dict[str, tuple[_CkptEntry, Tensor | None]] = {}
+        entries: dict[str, tuple[_CkptEntry, Tensor | None, torch.dtype]] = {}
         dev = self._device if self._device.type != "meta" else torch.device("cpu")
         shard_of = {s.table_name: s for s in self._local_shards()}
         for c in self._configs:
@@ -712,25 +709,16 @@ class ShardedTTEmbeddingBagCollection(
             local = shard_of.get(c.name)
             local_cache = local.cache if local is not None else None
             specs = [(md, rank) for md, rank in zip(ps.sharding_spec.shards, ps.ranks, strict=True) if md.shard_sizes[0] > 0]
-            size = c.hashtbl_size or 4 * c.cache_size
             opt = self._table_optim[c.name].optimizer
-            # buffer -> (entries per shard, times the shard's columns?)
-            per_shard = {
-                "hash_keys": (size, False), "hash_counts": (size, False), "cache_ids": (c.cache_size, False),
-                "cache_weight": (c.cache_size, True), "stats": (len(STAT_NAMES), False), "populate_clock": (1, False),
-            }
-            if opt == FusedOptimizerKind.ADAGRAD:
-                per_shard["cache_optimizer_state"] = (c.cache_size, True)
-            elif opt == FusedOptimizerKind.ROWWISE_ADAGRAD:
-                per_shard["cache_optimizer_state"] = (c.cache_size, False)
-            for name, (count, per_column) in per_shard.items():
+            layouts = [TTRowCache.buffer_layout(c.cache_size, md.shard_sizes[1], c.hashtbl_size, opt) for md, _ in specs]
+            for name, (_, dtype) in layouts[0].items():
                 metas, offset = [], 0
-                for md, rank in specs:
-                    n = count * (md.shard_sizes[1] if per_column else 1)
+                for (_, rank), layout in zip(specs, layouts, strict=True):
+                    n = layout[name][0]
                     metas.append(ShardMetadata([offset], [n], _placement(rank, dev)))
                     offset += n
                 tensor = getattr(local_cache, name).view(-1) if local_cache is not None else None
-                entries[f"embedding_bags.{c.name}.cache.{name}"] = (_CkptEntry((offset,), True, metas), tensor)
+                entries[f"embedding_bags.{c.name}.cache.{name}"] = (_CkptEntry((offset,), True, metas), tensor, dtype)
         return entries
 
     @staticmethod
@@ -955,7 +943,7 @@ class ShardedTTEmbeddingBagCollection(
                         copies.extend((buf, fresh[name]) for name, buf in shard.cache.named_buffers())
                 continue
             for key in keys:
-                entry, local = self._cache_ckpt[key]
+                entry, local, _ = self._cache_ckpt[key]
                 value = state_dict.get(prefix + key)
                 if value is None or tuple(value.shape) != entry.global_shape:
                     raise RuntimeError(

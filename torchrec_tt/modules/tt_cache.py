@@ -232,6 +232,21 @@ class TTRowCache(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._lookups_since_populate = int(self.populate_clock[0]) if self.populate_clock.device.type != "meta" else 0
 
+    @classmethod
+    def buffer_layout(
+        cls, cache_size: int, embedding_dim: int, hashtbl_size: int = 0, optimizer: FusedOptimizer | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> dict[str, tuple[int, torch.dtype]]:
+        """``{buffer name: (numel, dtype)}`` of a cache with these settings (built on meta, no memory).
+
+        Example::
+
+            >>> TTRowCache.buffer_layout(4, 8)["cache_weight"]
+            (32, torch.float32)
+        """
+        probe = cls(cache_size, embedding_dim, hashtbl_size, optimizer, device="meta", dtype=dtype)
+        return {name: (buf.numel(), buf.dtype) for name, buf in probe.named_buffers()}
+
     def empty_state(self) -> dict[str, Tensor]:
         """Buffers of an empty cache with no counts and zero statistics (new tensors, by buffer name)."""
         fresh = {name: torch.zeros_like(buf) for name, buf in self.named_buffers()}
@@ -298,10 +313,9 @@ class TTRowCache(nn.Module):
             IndexError / ValueError: bad ids or offsets (nothing is counted then).
         """
         op = f"table '{self.name}' (cached lookup)"
-        if ids.dim() != 1 or offsets.dim() != 1 or offsets.numel() < 1 or ids.dtype not in (torch.int32, torch.int64):
-            check_bag_args(op, ids, offsets, weights, num_embeddings, 0)
-        if weights is not None and (weights.dim() != 1 or weights.numel() != ids.numel()):
-            check_bag_args(op, ids, offsets, weights, num_embeddings, 0)
+        malformed = ids.dim() != 1 or offsets.dim() != 1 or offsets.numel() < 1 or ids.dtype not in (torch.int32, torch.int64)
+        if malformed or weights is not None and (weights.dim() != 1 or weights.numel() != ids.numel()):
+            check_bag_args(op, ids, offsets, weights, num_embeddings, 0)  # raises, naming the argument
         offs = offsets.long()
         lengths = offs[1:] - offs[:-1]
         nnz = ids.numel()
