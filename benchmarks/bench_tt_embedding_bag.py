@@ -101,7 +101,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also time the TT step captured in a CUDA graph and replayed (GPU time without Python/launch overhead; cuda only)",
     )
     ap.add_argument(
-        "--profile", action="store_true", help="print a torch.profiler table of the TT kernels for the last case (cuda)"
+        "--profile",
+        nargs="?",
+        const="last",
+        default=None,
+        help="print torch.profiler tables (GPU kernels, then host time by op and CUDA API call) of the TT step "
+        "for these BxL cases (comma list; bare --profile: the last case); cuda, first optimizer, first dist",
     )
     ap.add_argument("--out-dir", default=None, help="write results JSON + markdown (+ PNG plot) here")
     ap.add_argument("--tag", default=None, help="file name stem in --out-dir (default: date_gpu-name)")
@@ -414,7 +419,10 @@ def run(args) -> dict:
                     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
                     (Path(args.out_dir) / "partial.json").write_text(json.dumps({"info": info, "rows": rows}, indent=2))
         if args.profile and tt_mod is not None and device == "cuda" and optimizer == args.optimizers.split(",")[0]:
-            profile_tt(tt_mod, src, cases[-1], index_dtype, D, device)
+            src = IdSource(args.num_embeddings, args.dists.split(",")[0], args.zipf_alpha, device, args.seed)
+            wanted = [cases[-1]] if args.profile == "last" else [tuple(int(v) for v in c.split("x")) for c in args.profile.split(",")]
+            for case in wanted:
+                profile_tt(tt_mod, src, case, index_dtype, D, device)
         del tt_mod, dense, dense_opt, tbe
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -458,12 +466,15 @@ def profile_tt(tt_mod, src, case, index_dtype, D, device) -> None:
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             tt_mod(ids, offsets).backward(g)
         torch.cuda.synchronize()
+    avg = prof.key_averages()
     print(f"\nKernel time of 5 TT steps at B={num_bags}, L={bag}:")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    print(avg.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
+    print(f"\nHost time of the same 5 steps (ops, autograd, CUDA API calls) at B={num_bags}, L={bag}:")
+    print(avg.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
 
 
 FBTT_H200 = {(512, 20): 0.151, (4096, 20): 0.104, (16384, 20): 0.102, (65536, 1): 0.098}

@@ -401,6 +401,41 @@ def test_cuda_graph_training_step():
     assert not torch.equal(params(table)[0], twin_init[0])
 
 
+def _kernel_launches(prof, name: str) -> int:
+    return sum(e.count for e in prof.key_averages() if name in e.key and "cuda" in str(e.device_type).lower())
+
+
+@pytest.mark.parametrize("shape", [SHAPES[3], SHAPES[4]], ids=["generic", "fast"])
+def test_module_backward_reuses_the_forward_sort(shape):
+    """A module step sorts its ids once: the fused backward, which autograd runs on its
+    device thread, takes the forward's sorted batch; the update is bitwise the one of
+    the backward op on a batch it sorts itself."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    p, q, ranks, n = shape
+    table = _make_table(p, q, ranks, n)
+    if table is None:
+        pytest.skip("torchrec_tt.TTEmbeddingBag needs torchrec")
+    ids, offsets = make_bags(n, LENGTHS * 30)
+    ids, offsets = ids.to(DEV), offsets.to(DEV)
+    g = torch.randn(offsets.numel() - 1, math.prod(q), device=DEV)
+    cores = [c.detach().clone() for c in table.tt_cores]
+    state = [s.clone() for s in table.optimizer_states()]
+    table(ids, offsets[:-1]).backward(g)  # warm-up (smem attributes, allocator)
+    for dst, src in zip([*table.tt_cores, *table.optimizer_states()], cores + state, strict=True):
+        dst.data.copy_(src)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        table(ids, offsets[:-1]).backward(g)
+        torch.cuda.synchronize()
+    assert _kernel_launches(prof, "tt_prep_kernel") == 1
+    assert _kernel_launches(prof, "tt_index_kernel") == 1
+    tt.tt_embedding_bag_backward_fused_(
+        g, cores, state, ids.clone(), offsets.clone(), None, p, q, ranks, n, 0, 1, table.learning_rate, table.eps
+    )
+    for a, b in zip([*table.tt_cores, *table.optimizer_states()], cores + state, strict=True):
+        assert torch.equal(a.detach(), b)
+
+
 # --------------------------------------------------------------------------- device-side validation
 @pytest.mark.parametrize("bad", ["id", "negative", "offsets"])
 def test_device_side_bounds_check(bad):

@@ -36,6 +36,7 @@
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
+#include <c10/core/GradMode.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -98,7 +99,8 @@ __global__ void tt_prep_kernel(
     int64_t num_bags,
     const TTDims t,
     uint64_t* __restrict__ keys,
-    int32_t* __restrict__ vals) {
+    int32_t* __restrict__ vals,
+    int32_t* __restrict__ bag_of) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < nnz) {
     const int64_t id = static_cast<int64_t>(indices[i]);
@@ -106,6 +108,20 @@ __global__ void tt_prep_kernel(
         id >= 0 && id < t.num_embeddings, "torchrec_tt: an index is out of range [0, num_embeddings)");
     keys[i] = row_key(id, t);
     vals[i] = static_cast<int32_t>(i);
+    if (bag_of != nullptr) {
+      // The bag of position i: the last b with offsets[b] <= i (empty bags skipped).
+      // Searched here, in input order, where the lanes of a warp take the same path.
+      int64_t lo = 0, hi = num_bags;  // offsets[lo] <= i < offsets[hi]
+      while (hi - lo > 1) {
+        const int64_t mid = (lo + hi) >> 1;
+        if (offsets[mid] <= i) {
+          lo = mid;
+        } else {
+          hi = mid;
+        }
+      }
+      bag_of[i] = static_cast<int32_t>(lo);
+    }
   }
   if (offsets != nullptr && i <= num_bags) {
     const int64_t o = offsets[i];
@@ -141,6 +157,7 @@ struct IndexArgs {
   int32_t* counts;      // [2]: items, urows
   int32_t* posmap;      // [nnz] input position -> urow (or null)
   // backward: bag and scale of every sorted position (or null)
+  const int32_t* bag_of;  // bag of every input position
   const int64_t* offsets;
   int64_t num_bags;
   const acc_t* psw;
@@ -182,15 +199,7 @@ __global__ void tt_index_kernel(const IndexArgs<acc_t> a) {
   const int32_t l = a.svals[i];
   if (a.posmap != nullptr) a.posmap[l] = urow;
   if (a.sbag != nullptr) {
-    int64_t lo = 0, hi = a.num_bags;  // offsets[lo] <= l < offsets[hi]
-    while (hi - lo > 1) {
-      const int64_t mid = (lo + hi) >> 1;
-      if (a.offsets[mid] <= l) {
-        lo = mid;
-      } else {
-        hi = mid;
-      }
-    }
+    const int32_t lo = a.bag_of[l];
     acc_t scale = a.psw != nullptr ? a.psw[l] : acc_t(1);
     if (a.mean) scale = scale * (acc_t(1) / static_cast<acc_t>(a.offsets[lo + 1] - a.offsets[lo]));
     a.sbag[i] = static_cast<int32_t>(lo);
@@ -459,6 +468,23 @@ struct ReduceArgs {
   int sm_acc, sm_ts, sm_dts, sm_scratch, sm_red;
 };
 
+// The reductions of every core in one launch: blocks [block0[k], block0[k+1]) serve core k.
+template <typename scalar_t, typename acc_t>
+struct ReduceLaunch {
+  ReduceArgs<scalar_t, acc_t> r[kMaxCores];
+  int block0[kMaxCores + 1];
+  int ncores;
+};
+
+// The core a block serves and its block index within that core.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ const ReduceArgs<scalar_t, acc_t>& reduce_core(const ReduceLaunch<scalar_t, acc_t>& m, int* blk) {
+  int k = 0;
+  while (k + 1 < m.ncores && static_cast<int>(blockIdx.x) >= m.block0[k + 1]) ++k;
+  *blk = static_cast<int>(blockIdx.x) - m.block0[k];
+  return m.r[k];
+}
+
 // The slice `dg` of the core gets its gradient g (S values in shared memory), once.
 template <typename scalar_t, typename acc_t>
 __device__ void finalize_slice(const ReduceArgs<scalar_t, acc_t>& a, int dg, const acc_t* g, acc_t* red) {
@@ -538,14 +564,16 @@ __device__ __forceinline__ void stage_rows(acc_t* dst, const acc_t* __restrict__
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) tt_reduce_kernel(const ReduceArgs<scalar_t, acc_t> a) {
+__global__ void __launch_bounds__(kThreads) tt_reduce_kernel(const __grid_constant__ ReduceLaunch<scalar_t, acc_t> m) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
   // digits[s0 - 1 .. s1] and the items of the chunk, loaded once (no serial global loads)
   __shared__ int sdig[kReduceChunk + 2];
   __shared__ int sitem[kReduceChunk];
+  int blk = 0;
+  const ReduceArgs<scalar_t, acc_t>& a = reduce_core(m, &blk);
   const int n = *a.count;
-  const int s0 = blockIdx.x * kReduceChunk;
+  const int s0 = blk * kReduceChunk;
   if (s0 >= n) return;
   const int s1 = min(s0 + kReduceChunk, n);
   const int tid = threadIdx.x;
@@ -600,7 +628,7 @@ __global__ void __launch_bounds__(kThreads) tt_reduce_kernel(const ReduceArgs<sc
     if (gstart && gend) {
       finalize_slice(a, dg, acc, red);
     } else {
-      acc_t* dst = (gstart ? a.pl : a.pf) + static_cast<int64_t>(blockIdx.x) * a.S;
+      acc_t* dst = (gstart ? a.pl : a.pf) + static_cast<int64_t>(blk) * a.S;
       for (int x = tid; x < a.S; x += kThreads) dst[x] = acc[x];
     }
     __syncthreads();
@@ -611,13 +639,14 @@ __global__ void __launch_bounds__(kThreads) tt_reduce_kernel(const ReduceArgs<sc
 // Runs that cross chunk boundaries: the chunk where the run begins sums its
 // partial and those of the following chunks, in chunk order, and finalises the slice.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) tt_reduce_tail_kernel(const ReduceArgs<scalar_t, acc_t> a) {
+__global__ void __launch_bounds__(kThreads) tt_reduce_tail_kernel(const __grid_constant__ ReduceLaunch<scalar_t, acc_t> m) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
   __shared__ int sdig[kReduceChunk + 2];
   __shared__ int s_end;
+  int j = 0;
+  const ReduceArgs<scalar_t, acc_t>& a = reduce_core(m, &j);
   const int n = *a.count;
-  const int j = blockIdx.x;
   const int s0 = j * kReduceChunk;
   if (s0 >= n) return;
   const int s1 = min(s0 + kReduceChunk, n);
@@ -780,12 +809,48 @@ ItemSmem plan_items(const TTDims& t, bool bwd, int64_t* elems) {
   return s;
 }
 
-// Sorted view of one batch of ids (steps 1-3 of the pipeline).
+// Device buffers planned on the host and carved out of one allocation: a step
+// makes two caching-allocator calls (batch, backward scratch) instead of ~35.
+class Arena {
+ public:
+  template <typename T>
+  void add(T** ptr, int64_t n) {
+    bytes_ = (bytes_ + 255) / 256 * 256;
+    slots_.emplace_back(reinterpret_cast<void**>(ptr), bytes_);
+    bytes_ += static_cast<size_t>(std::max<int64_t>(n, 0)) * sizeof(T);
+  }
+  void add_bytes(void** ptr, size_t n) {
+    bytes_ = (bytes_ + 255) / 256 * 256;
+    slots_.emplace_back(ptr, bytes_);
+    bytes_ += n;
+  }
+  // Allocates the buffer on the device of `like` and fills every registered pointer.
+  at::Tensor allocate(const at::TensorOptions& like) {
+    at::Tensor buf = at::empty({static_cast<int64_t>(std::max<size_t>(bytes_, 1))}, like.dtype(at::kByte));
+    char* base = static_cast<char*>(buf.mutable_data_ptr());
+    for (const auto& s : slots_) *s.first = base + s.second;
+    return buf;
+  }
+
+ private:
+  std::vector<std::pair<void**, size_t>> slots_;
+  size_t bytes_ = 0;
+};
+
+// Sorted view of one batch of ids (steps 1-3 of the pipeline). `ws` owns every buffer.
 struct Batch {
   int64_t nnz = 0, max_items = 0, max_urows = 0;
-  at::Tensor skeys, svals, item_start, item_urow, urow_start, counts, posmap, sbag, sscale;
-  std::vector<at::Tensor> item_dig;  // per prefix core: digit of each item
-  at::Tensor urow_dig;               // last digit of each unique row
+  at::Tensor ws;
+  uint64_t* skeys = nullptr;
+  int32_t* item_start = nullptr;  // [max_items + 1]
+  int32_t* item_urow = nullptr;   // [max_items + 1]
+  int32_t* urow_start = nullptr;  // [max_urows + 1]
+  int32_t* counts = nullptr;      // [2]: items, unique rows
+  int32_t* posmap = nullptr;      // [nnz] input position -> unique row (forward)
+  int32_t* sbag = nullptr;        // [nnz] bag of every sorted position (backward)
+  void* sscale = nullptr;         // [nnz] acc_t scale of every sorted position (backward)
+  int32_t* item_dig[kMaxCores] = {};  // per prefix core: digit of each item
+  int32_t* urow_dig = nullptr;        // last digit of each unique row
 };
 
 template <typename acc_t>
@@ -803,20 +868,6 @@ Batch build_batch(
   const int64_t nnz = indices.numel();
   const int64_t num_bags = offsets64.defined() ? offsets64.numel() - 1 : -1;
   bt.nnz = nnz;
-  const auto opt_l = indices.options().dtype(at::kLong);
-  const auto opt_i = indices.options().dtype(at::kInt);
-  at::Tensor keys = at::empty({nnz}, opt_l);
-  at::Tensor vals = at::empty({nnz}, opt_i);
-  {
-    const int64_t n = std::max<int64_t>(nnz, num_bags + 1);
-    AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "tt_prep_cuda", [&] {
-      tt_prep_kernel<index_t><<<grid_1d(n, 256), 256, 0, stream>>>(
-          indices.const_data_ptr<index_t>(), nnz, offsets64.defined() ? offsets64.const_data_ptr<int64_t>() : nullptr,
-          num_bags, t, reinterpret_cast<uint64_t*>(keys.mutable_data_ptr<int64_t>()), vals.mutable_data_ptr<int32_t>());
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  if (nnz == 0) return bt;
   const int L = t.d - 1;
   const uint64_t pl = static_cast<uint64_t>(t.p[L]);
   int64_t prefix_space = 1;
@@ -824,64 +875,84 @@ Batch build_batch(
   const int64_t chunks = ceil_div(nnz, kItemChunk);
   bt.max_items = std::min<int64_t>(nnz, prefix_space + chunks);
   bt.max_urows = std::min<int64_t>(nnz, t.num_embeddings + chunks);
-
-  bt.skeys = at::empty({nnz}, opt_l);
-  bt.svals = at::empty({nnz}, opt_i);
-  at::Tensor flags = at::empty({nnz}, opt_l);
-  at::Tensor scan = at::empty({nnz}, opt_l);
   const int n = static_cast<int>(nnz);
   const int end_bit = bits_for(static_cast<uint64_t>(detail::saturating_prod(p_shapes) - 1));
-  auto* k_in = reinterpret_cast<const uint64_t*>(keys.const_data_ptr<int64_t>());
-  auto* k_out = reinterpret_cast<uint64_t*>(bt.skeys.mutable_data_ptr<int64_t>());
-  size_t sort_bytes = 0, scan_bytes = 0;
-  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-      nullptr, sort_bytes, k_in, k_out, vals.const_data_ptr<int32_t>(), bt.svals.mutable_data_ptr<int32_t>(), n, 0,
-      end_bit, stream));
-  C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(
-      nullptr, scan_bytes, flags.const_data_ptr<int64_t>(), scan.mutable_data_ptr<int64_t>(), n, stream));
-  at::Tensor temp = at::empty({static_cast<int64_t>(std::max(sort_bytes, scan_bytes))}, indices.options().dtype(at::kByte));
-  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-      temp.mutable_data_ptr(), sort_bytes, k_in, k_out, vals.const_data_ptr<int32_t>(),
-      bt.svals.mutable_data_ptr<int32_t>(), n, 0, end_bit, stream));
-  tt_flags_kernel<<<grid_1d(nnz, 256), 256, 0, stream>>>(k_out, nnz, pl, flags.mutable_data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(
-      temp.mutable_data_ptr(), scan_bytes, flags.const_data_ptr<int64_t>(), scan.mutable_data_ptr<int64_t>(), n, stream));
 
-  bt.item_start = at::empty({bt.max_items + 1}, opt_i);
-  bt.item_urow = at::empty({bt.max_items + 1}, opt_i);
-  bt.urow_start = at::empty({bt.max_urows + 1}, opt_i);
-  bt.counts = at::empty({2}, opt_i);
+  // Scratch of steps 1-3 (freed on return) and the batch itself (kept for the backward).
+  uint64_t* keys = nullptr;
+  int32_t *vals = nullptr, *svals = nullptr, *bag_of = nullptr;
+  int64_t *flags = nullptr, *scan = nullptr;
+  void* temp = nullptr;
+  size_t sort_bytes = 0, scan_bytes = 0;
+  if (nnz > 0) {
+    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+        nullptr, sort_bytes, static_cast<const uint64_t*>(nullptr), static_cast<uint64_t*>(nullptr),
+        static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), n, 0, end_bit, stream));
+    C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(
+        nullptr, scan_bytes, static_cast<const int64_t*>(nullptr), static_cast<int64_t*>(nullptr), n, stream));
+  }
+  Arena scratch;
+  scratch.add(&keys, nnz);
+  scratch.add(&vals, nnz);
+  scratch.add(&svals, nnz);
+  if (want_bag) scratch.add(&bag_of, nnz);
+  scratch.add(&flags, nnz);
+  scratch.add(&scan, nnz);
+  scratch.add_bytes(&temp, std::max(sort_bytes, scan_bytes));
+  const at::Tensor scratch_buf = scratch.allocate(indices.options());
+  {
+    const int64_t m = std::max<int64_t>(nnz, num_bags + 1);
+    AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "tt_prep_cuda", [&] {
+      tt_prep_kernel<index_t><<<grid_1d(m, 256), 256, 0, stream>>>(
+          indices.const_data_ptr<index_t>(), nnz, offsets64.defined() ? offsets64.const_data_ptr<int64_t>() : nullptr,
+          num_bags, t, keys, vals, want_bag ? bag_of : nullptr);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (nnz == 0) return bt;
+
+  Arena keep;
+  keep.add(&bt.skeys, nnz);
+  keep.add(&bt.item_start, bt.max_items + 1);
+  keep.add(&bt.item_urow, bt.max_items + 1);
+  keep.add(&bt.urow_start, bt.max_urows + 1);
+  keep.add(&bt.counts, 2);
+  for (int k = 0; k < L; ++k) keep.add(&bt.item_dig[k], bt.max_items);
+  keep.add(&bt.urow_dig, bt.max_urows);
+  if (want_posmap) keep.add(&bt.posmap, nnz);
+  if (want_bag) {
+    keep.add(&bt.sbag, nnz);
+    keep.add_bytes(&bt.sscale, static_cast<size_t>(nnz) * sizeof(acc_t));
+  }
+  bt.ws = keep.allocate(indices.options());
+
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, sort_bytes, keys, bt.skeys, vals, svals, n, 0, end_bit, stream));
+  tt_flags_kernel<<<grid_1d(nnz, 256), 256, 0, stream>>>(bt.skeys, nnz, pl, flags);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(temp, scan_bytes, flags, scan, n, stream));
+
   IndexArgs<acc_t> ia{};
-  ia.skeys = k_out;
-  ia.svals = bt.svals.const_data_ptr<int32_t>();
-  ia.scan = scan.const_data_ptr<int64_t>();
+  ia.skeys = bt.skeys;
+  ia.svals = svals;
+  ia.scan = scan;
   ia.nnz = nnz;
   ia.pl = pl;
-  ia.item_start = bt.item_start.mutable_data_ptr<int32_t>();
-  ia.item_urow = bt.item_urow.mutable_data_ptr<int32_t>();
-  ia.urow_start = bt.urow_start.mutable_data_ptr<int32_t>();
-  ia.counts = bt.counts.mutable_data_ptr<int32_t>();
+  ia.item_start = bt.item_start;
+  ia.item_urow = bt.item_urow;
+  ia.urow_start = bt.urow_start;
+  ia.counts = bt.counts;
   ia.t = t;
-  for (int k = 0; k < L; ++k) {
-    bt.item_dig.push_back(at::empty({bt.max_items}, opt_i));
-    ia.item_dig[k] = bt.item_dig.back().mutable_data_ptr<int32_t>();
-  }
-  bt.urow_dig = at::empty({bt.max_urows}, opt_i);
-  ia.urow_dig = bt.urow_dig.mutable_data_ptr<int32_t>();
-  if (want_posmap) {
-    bt.posmap = at::empty({nnz}, opt_i);
-    ia.posmap = bt.posmap.mutable_data_ptr<int32_t>();
-  }
+  for (int k = 0; k < L; ++k) ia.item_dig[k] = bt.item_dig[k];
+  ia.urow_dig = bt.urow_dig;
+  ia.posmap = bt.posmap;
   if (want_bag) {
-    bt.sbag = at::empty({nnz}, opt_i);
-    bt.sscale = at::empty({nnz}, indices.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    ia.bag_of = bag_of;
     ia.offsets = offsets64.const_data_ptr<int64_t>();
     ia.num_bags = num_bags;
     ia.psw = psw.defined() ? psw.const_data_ptr<acc_t>() : nullptr;
     ia.mean = pooling_mode == static_cast<int64_t>(PoolingMode::MEAN) ? 1 : 0;
-    ia.sbag = bt.sbag.mutable_data_ptr<int32_t>();
-    ia.sscale = bt.sscale.mutable_data_ptr<acc_t>();
+    ia.sbag = bt.sbag;
+    ia.sscale = static_cast<acc_t*>(bt.sscale);
   }
   tt_index_kernel<acc_t><<<grid_1d(nnz, 256), 256, 0, stream>>>(ia);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -948,8 +1019,13 @@ bool batch_key(
   return true;
 }
 
-struct BatchCache {
-  bool valid = false;
+// Sorted batches left by forwards, for the backwards of the same tensors. Process-wide:
+// autograd runs a CUDA backward on its device thread, not on the thread of the forward.
+// At most kMaxCachedBatches (oldest dropped): a forward that is never followed by its
+// backward (evaluation with grad enabled) holds its batch until pushed out.
+constexpr size_t kMaxCachedBatches = 32;
+
+struct CachedBatch {
   BatchKey key;
   Batch batch;
   // The keyed tensors stay alive while cached, so no other tensor can take their
@@ -957,9 +1033,34 @@ struct BatchCache {
   at::Tensor idx, off, w;
 };
 
+class BatchCache {
+ public:
+  void put(CachedBatch entry) {
+    const std::lock_guard<std::mutex> lock(mu_);
+    if (entries_.size() >= kMaxCachedBatches) entries_.erase(entries_.begin());
+    entries_.push_back(std::move(entry));
+  }
+  // Takes the entry of `key` (newest first); false if there is none.
+  bool take(const BatchKey& key, Batch* out) {
+    const std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = entries_.rbegin(); it != entries_.rend(); ++it) {
+      if (it->key == key) {
+        *out = std::move(it->batch);
+        entries_.erase(std::next(it).base());
+        return true;
+      }
+    }
+    return false;
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<CachedBatch> entries_;
+};
+
 BatchCache& batch_cache() {
-  static thread_local BatchCache cache;
-  return cache;
+  static BatchCache* cache = new BatchCache();  // never destroyed: no CUDA frees at exit
+  return *cache;
 }
 
 // TORCHREC_TT_CUDA_REUSE=0 turns the forward -> backward reuse off.
@@ -976,13 +1077,13 @@ ItemArgs<scalar_t, acc_t> item_args(const TTDims& t, const std::vector<at::Tenso
   ItemArgs<scalar_t, acc_t> a{};
   a.t = t;
   for (int k = 0; k < t.d; ++k) a.cores[k] = cores[k].const_data_ptr<scalar_t>();
-  a.skeys = reinterpret_cast<const uint64_t*>(bt.skeys.const_data_ptr<int64_t>());
-  a.item_start = bt.item_start.const_data_ptr<int32_t>();
-  a.item_urow = bt.item_urow.const_data_ptr<int32_t>();
-  a.urow_start = bt.urow_start.const_data_ptr<int32_t>();
-  a.counts = bt.counts.const_data_ptr<int32_t>();
-  for (int k = 0; k + 1 < t.d; ++k) a.item_dig[k] = bt.item_dig[k].const_data_ptr<int32_t>();
-  a.urow_dig = bt.urow_dig.const_data_ptr<int32_t>();
+  a.skeys = bt.skeys;
+  a.item_start = bt.item_start;
+  a.item_urow = bt.item_urow;
+  a.urow_start = bt.urow_start;
+  a.counts = bt.counts;
+  for (int k = 0; k + 1 < t.d; ++k) a.item_dig[k] = bt.item_dig[k];
+  a.urow_dig = bt.urow_dig;
   return a;
 }
 
@@ -1016,12 +1117,12 @@ FastArgs fast_args(const std::vector<at::Tensor>& cores, const Batch& bt) {
   f.c0 = cores[0].const_data_ptr<float>();
   f.c1 = cores[1].const_data_ptr<float>();
   f.c2 = cores[2].const_data_ptr<float>();
-  f.counts = bt.counts.const_data_ptr<int32_t>();
-  f.item_urow = bt.item_urow.const_data_ptr<int32_t>();
-  f.urow_start = bt.urow_start.const_data_ptr<int32_t>();
-  f.item_d0 = bt.item_dig[0].const_data_ptr<int32_t>();
-  f.item_d1 = bt.item_dig[1].const_data_ptr<int32_t>();
-  f.urow_d2 = bt.urow_dig.const_data_ptr<int32_t>();
+  f.counts = bt.counts;
+  f.item_urow = bt.item_urow;
+  f.urow_start = bt.urow_start;
+  f.item_d0 = bt.item_dig[0];
+  f.item_d1 = bt.item_dig[1];
+  f.urow_d2 = bt.urow_dig;
   return f;
 }
 
@@ -1120,21 +1221,25 @@ at::Tensor tt_embedding_bag_forward_cuda(
       out.zero_();
       return;
     }
-    if (batch_reuse_enabled()) {
-      BatchCache& cache = batch_cache();
-      cache.valid = batch_key(
-          &cache.key, indices_in, offsets_in, per_sample_weights, pooling_mode, num_embeddings, p_shapes,
-          c10::CppTypeToScalarType<acc_t>::value);
-      cache.batch = cache.valid ? bt : Batch();
-      cache.idx = cache.valid ? indices_in : at::Tensor();
-      cache.off = cache.valid ? offsets_in : at::Tensor();
-      cache.w = cache.valid && per_sample_weights.has_value() ? *per_sample_weights : at::Tensor();
+    // Kept for the backward only when one can follow (grad mode on; the module calls
+    // this op below autograd with grad mode on, see torchrec_tt/modules/tt_embedding_bag.py).
+    if (batch_reuse_enabled() && c10::GradMode::is_enabled()) {
+      CachedBatch entry;
+      if (batch_key(
+              &entry.key, indices_in, offsets_in, per_sample_weights, pooling_mode, num_embeddings, p_shapes,
+              c10::CppTypeToScalarType<acc_t>::value)) {
+        entry.batch = bt;
+        entry.idx = indices_in;
+        entry.off = offsets_in;
+        entry.w = per_sample_weights.has_value() ? *per_sample_weights : at::Tensor();
+        batch_cache().put(std::move(entry));
+      }
     }
     const at::Tensor rowbuf = compute_rows<scalar_t, acc_t>(op, t, cores, bt, stream);
     if (num_bags > 0) {
       const dim3 block = rows_block(t.D);
       tt_pool_kernel<scalar_t, acc_t><<<grid_1d(num_bags, block.y), block, 0, stream>>>(
-          rowbuf.const_data_ptr<acc_t>(), bt.posmap.const_data_ptr<int32_t>(), offsets.const_data_ptr<int64_t>(),
+          rowbuf.const_data_ptr<acc_t>(), bt.posmap, offsets.const_data_ptr<int64_t>(),
           num_bags, t.D, psw.defined() ? psw.const_data_ptr<acc_t>() : nullptr,
           pooling_mode == static_cast<int64_t>(PoolingMode::MEAN) ? 1 : 0, out.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1169,7 +1274,7 @@ at::Tensor tt_lookup_rows_cuda(
     const at::Tensor rowbuf = compute_rows<scalar_t, acc_t>(op, t, cores, bt, stream);
     const dim3 block = rows_block(t.D);
     tt_gather_kernel<scalar_t, acc_t><<<grid_1d(nnz, block.y), block, 0, stream>>>(
-        rowbuf.const_data_ptr<acc_t>(), bt.posmap.const_data_ptr<int32_t>(), nnz, t.D, out.mutable_data_ptr<scalar_t>());
+        rowbuf.const_data_ptr<acc_t>(), bt.posmap, nnz, t.D, out.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -1216,17 +1321,10 @@ void run_backward(
   Batch bt;
   bool reused = false;
   if (batch_reuse_enabled()) {
-    BatchCache& cache = batch_cache();
     BatchKey key;
-    if (cache.valid &&
-        batch_key(&key, indices_in, offsets_in, per_sample_weights, pooling_mode, t.num_embeddings, p_shapes, acc_type) &&
-        key == cache.key) {
-      bt = cache.batch;  // sorted by the forward of the same batch
-      reused = true;
+    if (batch_key(&key, indices_in, offsets_in, per_sample_weights, pooling_mode, t.num_embeddings, p_shapes, acc_type)) {
+      reused = batch_cache().take(key, &bt);  // sorted by the forward of the same batch
     }
-    cache.valid = false;
-    cache.batch = Batch();
-    cache.idx = cache.off = cache.w = at::Tensor();
   }
   if (!reused) {
     const at::Tensor psw = weights_as(per_sample_weights, acc_type);
@@ -1234,26 +1332,63 @@ void run_backward(
   }
   if (bt.nnz == 0) return;
   const int d = t.d, L = d - 1;
-  const auto opt_acc = cores[0].options().dtype(acc_type);
-  const auto opt_i = cores[0].options().dtype(at::kInt);
   const int device = cores[0].get_device();
   const at::Tensor go = grad_output.to(acc_type).contiguous();
 
+  // Scratch of steps 4-6, one allocation: per-item / per-row records, digit sort
+  // buffers, chunk partials of the reductions.
+  const int64_t max_n = std::max(bt.max_items, bt.max_urows);
+  acc_t* xbuf = nullptr;
+  acc_t* tbuf[kMaxCores] = {};
+  acc_t* dtbuf[kMaxCores] = {};
+  int32_t* iota = nullptr;
+  int32_t* keys[kMaxCores] = {};
+  int32_t* sorted_keys[kMaxCores] = {};
+  int32_t* perms[kMaxCores] = {};
+  acc_t* pf[kMaxCores] = {};
+  acc_t* pl[kMaxCores] = {};
+  void* temp = nullptr;
+  int64_t nkeys[kMaxCores] = {};
+  size_t temp_bytes = 1;
+  for (int k = 0; k < d; ++k) {
+    nkeys[k] = k == L ? bt.max_urows : bt.max_items;
+    if (k == L - 1) continue;  // items come grouped by the digit of core d-2
+    size_t b = 0;
+    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+        nullptr, b, static_cast<const uint32_t*>(nullptr), static_cast<uint32_t*>(nullptr),
+        static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), static_cast<int>(nkeys[k]), 0,
+        bits_for(t.p[k]), stream));
+    temp_bytes = std::max(temp_bytes, b);
+  }
+  Arena ar;
+  ar.add(&xbuf, bt.max_urows * t.S[L]);
+  for (int k = 0; k < L; ++k) {
+    ar.add(&dtbuf[k], bt.max_items * int64_t{t.Q[k]} * t.n[k]);
+    if (k >= 1) ar.add(&tbuf[k], bt.max_items * int64_t{t.Q[k]} * t.r[k]);
+  }
+  ar.add(&iota, max_n);
+  for (int k = 0; k < d; ++k) {
+    ar.add(&keys[k], nkeys[k]);
+    if (k != L - 1) {
+      ar.add(&sorted_keys[k], nkeys[k]);
+      ar.add(&perms[k], nkeys[k]);
+    }
+    const int64_t nchunks = ceil_div(nkeys[k], kReduceChunk);
+    ar.add(&pf[k], nchunks * t.S[k]);
+    ar.add(&pl[k], nchunks * t.S[k]);
+  }
+  ar.add_bytes(&temp, temp_bytes);
+  const at::Tensor scratch = ar.allocate(cores[0].options());
+
   // Step 4: items (prefix products, row gradients, per-item factors).
-  at::Tensor xbuf = at::empty({bt.max_urows, t.S[L]}, opt_acc);
-  std::vector<at::Tensor> tbuf(d), dtbuf(d);
   auto a = item_args<scalar_t, acc_t>(t, cores, bt);
   a.grad_out = go.const_data_ptr<acc_t>();
-  a.sbag = bt.sbag.const_data_ptr<int32_t>();
-  a.sscale = bt.sscale.const_data_ptr<acc_t>();
-  a.xbuf = xbuf.mutable_data_ptr<acc_t>();
+  a.sbag = bt.sbag;
+  a.sscale = static_cast<const acc_t*>(bt.sscale);
+  a.xbuf = xbuf;
   for (int k = 0; k < L; ++k) {
-    dtbuf[k] = at::empty({bt.max_items, int64_t{t.Q[k]} * t.n[k]}, opt_acc);
-    a.dtbuf[k] = dtbuf[k].mutable_data_ptr<acc_t>();
-    if (k >= 1) {
-      tbuf[k] = at::empty({bt.max_items, int64_t{t.Q[k]} * t.r[k]}, opt_acc);
-      a.tbuf[k] = tbuf[k].mutable_data_ptr<acc_t>();
-    }
+    a.dtbuf[k] = dtbuf[k];
+    a.tbuf[k] = tbuf[k];
   }
   bool fast = false;
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -1262,12 +1397,12 @@ void run_backward(
                      {cores[0].const_data_ptr(), cores[1].const_data_ptr(), cores[2].const_data_ptr(), go.const_data_ptr()})) {
       FastArgs f = fast_args(cores, bt);
       f.grad_out = go.const_data_ptr<float>();
-      f.sbag = bt.sbag.const_data_ptr<int32_t>();
-      f.sscale = bt.sscale.const_data_ptr<float>();
-      f.xbuf = xbuf.mutable_data_ptr<float>();
-      f.tbuf1 = tbuf[1].mutable_data_ptr<float>();
-      f.dtbuf0 = dtbuf[0].mutable_data_ptr<float>();
-      f.dtbuf1 = dtbuf[1].mutable_data_ptr<float>();
+      f.sbag = bt.sbag;
+      f.sscale = static_cast<const float*>(bt.sscale);
+      f.xbuf = xbuf;
+      f.tbuf1 = tbuf[1];
+      f.dtbuf0 = dtbuf[0];
+      f.dtbuf1 = dtbuf[1];
       tt_fast_item_kernel<4, 32, 32, 4, true><<<fast_grid(bt.max_items), kFastWarps * 32, 0, stream>>>(f);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       fast = true;
@@ -1284,70 +1419,51 @@ void run_backward(
   }
 
   // Step 5: digits of every item per core, sorted where the item order does not group them.
-  const int64_t max_n = std::max(bt.max_items, bt.max_urows);
-  std::vector<at::Tensor> keys(d), sorted_keys(d), perms(d);
-  at::Tensor iota = at::empty({max_n}, opt_i);
   DigitArgs da{};
   da.t = t;
-  da.skeys = reinterpret_cast<const uint64_t*>(bt.skeys.const_data_ptr<int64_t>());
-  da.item_start = bt.item_start.const_data_ptr<int32_t>();
-  da.urow_start = bt.urow_start.const_data_ptr<int32_t>();
-  da.counts = bt.counts.const_data_ptr<int32_t>();
+  da.skeys = bt.skeys;
+  da.item_start = bt.item_start;
+  da.urow_start = bt.urow_start;
+  da.counts = bt.counts;
   da.max_items = bt.max_items;
   da.max_urows = bt.max_urows;
-  da.iota = iota.mutable_data_ptr<int32_t>();
-  for (int k = 0; k < d; ++k) {
-    keys[k] = at::empty({k == L ? bt.max_urows : bt.max_items}, opt_i);
-    da.keys[k] = keys[k].mutable_data_ptr<int32_t>();
-  }
+  da.iota = iota;
+  for (int k = 0; k < d; ++k) da.keys[k] = keys[k];
   tt_digits_kernel<<<grid_1d(max_n, 256), 256, 0, stream>>>(da);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  size_t temp_bytes = 0;
-  for (int k = 0; k < d; ++k) {
-    if (k == L - 1) continue;  // items come grouped by the digit of core d-2
-    size_t b = 0;
-    const int n = static_cast<int>(keys[k].numel());
-    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-        nullptr, b, reinterpret_cast<const uint32_t*>(keys[k].const_data_ptr<int32_t>()), static_cast<uint32_t*>(nullptr),
-        iota.const_data_ptr<int32_t>(), static_cast<int32_t*>(nullptr), n, 0, bits_for(t.p[k]), stream));
-    temp_bytes = std::max(temp_bytes, b);
-  }
-  at::Tensor temp = at::empty({static_cast<int64_t>(std::max<size_t>(temp_bytes, 1))}, cores[0].options().dtype(at::kByte));
   for (int k = 0; k < d; ++k) {
     if (k == L - 1) {
       sorted_keys[k] = keys[k];
       continue;
     }
-    const int n = static_cast<int>(keys[k].numel());
-    sorted_keys[k] = at::empty_like(keys[k]);
-    perms[k] = at::empty_like(keys[k]);
     size_t b = temp_bytes;
     C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-        temp.mutable_data_ptr(), b, reinterpret_cast<const uint32_t*>(keys[k].const_data_ptr<int32_t>()),
-        reinterpret_cast<uint32_t*>(sorted_keys[k].mutable_data_ptr<int32_t>()), iota.const_data_ptr<int32_t>(),
-        perms[k].mutable_data_ptr<int32_t>(), n, 0, bits_for(t.p[k]), stream));
+        temp, b, reinterpret_cast<const uint32_t*>(keys[k]), reinterpret_cast<uint32_t*>(sorted_keys[k]), iota, perms[k],
+        static_cast<int>(nkeys[k]), 0, bits_for(t.p[k]), stream));
   }
 
-  // Step 6: per core, reduce per unique slice and finalise (gradient or update).
+  // Step 6: every core's slices reduced and finalised (gradient or update) in one
+  // launch, the runs that cross chunks in a second one.
   const int sdt = state.empty() ? kStateFloat : state_dtype_code(state[0].scalar_type());
-  for (int k = L; k >= 0; --k) {
-    ReduceArgs<scalar_t, acc_t> r{};
-    const int64_t n = keys[k].numel();
+  ReduceLaunch<scalar_t, acc_t> rl{};
+  ReduceLaunch<scalar_t, acc_t> tl{};
+  rl.ncores = tl.ncores = d;
+  size_t bytes = 0, tail_bytes = 0;
+  int blocks = 0;
+  for (int k = 0; k < d; ++k) {
+    ReduceArgs<scalar_t, acc_t>& r = rl.r[k];
     r.has_T = (k >= 1 && k < L) ? 1 : 0;
     r.Q = t.Q[k];
     r.rk = t.r[k];
     r.nk = t.n[k];
     r.S = t.S[k];
-    r.count = bt.counts.const_data_ptr<int32_t>() + (k == L ? 1 : 0);
-    r.digits = sorted_keys[k].const_data_ptr<int32_t>();
-    r.perm = perms[k].defined() ? perms[k].const_data_ptr<int32_t>() : nullptr;
-    r.tbuf = r.has_T ? tbuf[k].const_data_ptr<acc_t>() : nullptr;
-    r.dtbuf = k == L ? xbuf.const_data_ptr<acc_t>() : dtbuf[k].const_data_ptr<acc_t>();
-    const int64_t nchunks = ceil_div(n, kReduceChunk);
-    at::Tensor pf = at::empty({nchunks, int64_t{t.S[k]}}, opt_acc);
-    at::Tensor pl = at::empty({nchunks, int64_t{t.S[k]}}, opt_acc);
-    r.pf = pf.mutable_data_ptr<acc_t>();
-    r.pl = pl.mutable_data_ptr<acc_t>();
+    r.count = bt.counts + (k == L ? 1 : 0);
+    r.digits = sorted_keys[k];
+    r.perm = perms[k];
+    r.tbuf = r.has_T ? tbuf[k] : nullptr;
+    r.dtbuf = k == L ? xbuf : dtbuf[k];
+    r.pf = pf[k];
+    r.pl = pl[k];
     r.mode = mode;
     r.grad = grads.empty() ? nullptr : grads[k].mutable_data_ptr<scalar_t>();
     r.core = mode == kWriteGrad ? nullptr : cores[k].mutable_data_ptr<scalar_t>();
@@ -1363,21 +1479,27 @@ void run_backward(
       r.sm_scratch = sp.take(kGemmScratch);
     }
     r.sm_red = sp.take(kThreads + 4);
-    const size_t bytes = static_cast<size_t>(sp.off) * sizeof(acc_t);
-    auto k1 = tt_reduce_kernel<scalar_t, acc_t>;
-    auto k2 = tt_reduce_tail_kernel<scalar_t, acc_t>;
-    prepare_smem(op, k1, bytes, device);
-    k1<<<grid_1d(n, kReduceChunk), kThreads, bytes, stream>>>(r);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    bytes = std::max(bytes, static_cast<size_t>(sp.off) * sizeof(acc_t));
     // the tail kernel needs the accumulator and the reduction scratch only
+    tl.r[k] = r;
     SmemPlan tp;
-    r.sm_acc = tp.take(t.S[k]);
-    r.sm_red = tp.take(kThreads + 4);
-    const size_t tail_bytes = static_cast<size_t>(tp.off) * sizeof(acc_t);
-    prepare_smem(op, k2, tail_bytes, device);
-    k2<<<grid_1d(n, kReduceChunk), kThreads, tail_bytes, stream>>>(r);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    tl.r[k].sm_acc = tp.take(t.S[k]);
+    tl.r[k].sm_red = tp.take(kThreads + 4);
+    tail_bytes = std::max(tail_bytes, static_cast<size_t>(tp.off) * sizeof(acc_t));
+    rl.block0[k] = tl.block0[k] = blocks;
+    const int64_t nb = ceil_div(nkeys[k], kReduceChunk);
+    TORCH_CHECK(blocks + nb < INT_MAX, op, ": too many reduction blocks");
+    blocks += static_cast<int>(nb);
   }
+  rl.block0[d] = tl.block0[d] = blocks;
+  auto k1 = tt_reduce_kernel<scalar_t, acc_t>;
+  auto k2 = tt_reduce_tail_kernel<scalar_t, acc_t>;
+  prepare_smem(op, k1, bytes, device);
+  k1<<<blocks, kThreads, bytes, stream>>>(rl);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  prepare_smem(op, k2, tail_bytes, device);
+  k2<<<blocks, kThreads, tail_bytes, stream>>>(tl);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 struct BackwardPrep {

@@ -49,6 +49,7 @@ from torchrec_tt.ops import (
     tt_embedding_bag,
     tt_embedding_bag_backward,
     tt_embedding_bag_backward_fused_,
+    tt_embedding_bag_for_backward,
     tt_lookup_rows,
 )
 
@@ -208,12 +209,16 @@ class TTLocalShard(nn.Module):
         return [getattr(self, f"optimizer_state_{k}") for k in range(len(self.cores)) if hasattr(self, f"optimizer_state_{k}")]
 
     # ------------------------------------------------------------------ compute
-    def forward_bags(self, ids: Tensor, offsets: Tensor, weights: Tensor | None) -> Tensor:
+    def forward_bags(self, ids: Tensor, offsets: Tensor, weights: Tensor | None, for_backward: bool) -> Tensor:
+        """Pooled lookup; ``for_backward``: inside the training Function (see :func:`tt_embedding_bag_for_backward`)."""
         if self.num_rows == 0 or ids.numel() == 0 and offsets.numel() == 1:
             return self.cores[0].new_zeros(offsets.numel() - 1, self.num_cols)
-        return tt_embedding_bag(list(self.cores), ids, offsets, weights, self.p, self.q, self.ranks, self.num_rows, self.pooling_mode)
+        pool = tt_embedding_bag_for_backward if for_backward else tt_embedding_bag
+        return pool(list(self.cores), ids, offsets, weights, self.p, self.q, self.ranks, self.num_rows, self.pooling_mode)
 
-    def forward_cached(self, ids: Tensor, offsets: Tensor, weights: Tensor | None) -> tuple[Tensor, TTLookupBags]:
+    def forward_cached(
+        self, ids: Tensor, offsets: Tensor, weights: Tensor | None, for_backward: bool
+    ) -> tuple[Tensor, TTLookupBags]:
         """Lookup through the cache: hits from the cached rows, misses from the cores.
 
         Returns:
@@ -223,14 +228,15 @@ class TTLocalShard(nn.Module):
         assert self.cache is not None
         if self.training and self.cache.populate_due():
             self.cache_populate()
-        split, out = self.cache.split(ids, offsets, weights, bool(self.pooling_mode), self.num_rows)
+        split, out = self.cache.split(ids, offsets, weights, bool(self.pooling_mode), self.num_rows, for_backward)
+        pool = tt_embedding_bag_for_backward if for_backward else tt_embedding_bag
         if self.training:
             self.cache.record(ids)
         misses = split.misses
         miss_weights = misses.weights.to(self.cores[0].dtype)
         if misses.ids.numel():
             out = out + misses.real_bags(
-                tt_embedding_bag(
+                pool(
                     list(self.cores), misses.ids, misses.offsets, miss_weights, self.p, self.q, self.ranks, self.num_rows, 0
                 )
             )
@@ -457,7 +463,7 @@ class _TTLookupFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, anchor: Tensor, lookup: TTPooledLookup, state: _StepState, bags: list[Any]) -> Tensor:
         ctx.lookup, ctx.state, ctx.bags = lookup, state, bags
-        out = lookup.pool(bags)
+        out = lookup.pool(bags, for_backward=True)
         ctx.versions = [bag[0].versions() for bag in bags]
         return out
 
@@ -542,16 +548,19 @@ class TTPooledLookup(nn.Module):
             f += n
         return bags
 
-    def pool(self, bags: list[Any]) -> Tensor:
-        """Pooled outputs of every shard; a cached shard's entry gets the bags its backward needs appended."""
+    def pool(self, bags: list[Any], for_backward: bool) -> Tensor:
+        """Pooled outputs of every shard; a cached shard's entry gets the bags its backward needs appended.
+
+        ``for_backward``: called by the training Function, whose backward follows.
+        """
         outs = []
         for bag in bags:
             shard, ids, offsets, weights, n, batch = bag[:6]
             if shard.cache is not None:
-                out, backward_bags = shard.forward_cached(ids, offsets, weights)
+                out, backward_bags = shard.forward_cached(ids, offsets, weights, for_backward)
                 bag.append(backward_bags)
             else:
-                out = shard.forward_bags(ids, offsets, weights)
+                out = shard.forward_bags(ids, offsets, weights, for_backward)
             out = out.float()  # (n * B, cols)
             outs.extend(out.split(batch, dim=0) if n > 1 else [out])
         return torch.cat(outs, dim=1) if outs else None  # type: ignore[return-value]
@@ -563,7 +572,7 @@ class TTPooledLookup(nn.Module):
         bags = self._bags(features)
         if anchor is None or state is None:
             with torch.no_grad():
-                return self.pool(bags)
+                return self.pool(bags, for_backward=False)
         return _TTLookupFunction.apply(anchor, self, state, bags)
 
     def forward(self, features: KeyedJaggedTensor) -> Tensor:

@@ -67,6 +67,7 @@ from torchrec_tt.ops import (
     tt_embedding_bag,
     tt_embedding_bag_backward,
     tt_embedding_bag_backward_fused_,
+    tt_embedding_bag_for_backward,
     tt_lookup_rows,
 )
 from torchrec_tt.ops.reference import LFU_EMPTY_KEY, check_bag_args, lfu_home_slots
@@ -294,7 +295,7 @@ class TTRowCache(nn.Module):
 
     # ------------------------------------------------------------------ lookup
     def split(
-        self, ids: Tensor, offsets: Tensor, weights: Tensor | None, mean: bool, num_embeddings: int
+        self, ids: Tensor, offsets: Tensor, weights: Tensor | None, mean: bool, num_embeddings: int, for_backward: bool = False
     ) -> tuple[CacheSplit, Tensor]:
         """Validate a lookup, separate cached hits from TT misses and pool the hits.
 
@@ -305,6 +306,9 @@ class TTRowCache(nn.Module):
             mean (bool): mean pooling (the misses are then returned as a weighted sum
                 with weights divided by the bag length).
             num_embeddings (int): rows of the table.
+            for_backward (bool): :meth:`apply_update` follows (inside an autograd
+                Function's forward): the hits are pooled by
+                :func:`~torchrec_tt.ops.tt_embedding_bag_for_backward`.
 
         Returns:
             tuple: the :class:`CacheSplit` and the pooled cached rows ``(B, D)``.
@@ -353,7 +357,7 @@ class TTRowCache(nn.Module):
         elif misses.ids.numel():
             keys = torch.sort(misses.ids).values
             self._bump("unique_misses", (keys[1:] != keys[:-1]).sum() + 1)
-        return CacheSplit(hits, misses, offs, mean), hits.real_bags(self._pool(hits))
+        return CacheSplit(hits, misses, offs, mean), hits.real_bags(self._pool(hits, for_backward))
 
     def _acc_dtype(self) -> torch.dtype:
         return torch.promote_types(self.cache_weight.dtype, torch.float32)
@@ -362,9 +366,10 @@ class TTRowCache(nn.Module):
         """The cached rows as a one-core TT (``p=[C], q=[D]``), so the TT kernels pool and train them."""
         return [self.cache_weight], [self.cache_size], [self.embedding_dim], [1, 1], self.cache_size
 
-    def _pool(self, hits: BagPart) -> Tensor:
+    def _pool(self, hits: BagPart, for_backward: bool) -> Tensor:
         cores, p, q, ranks, n = self._table()
-        return tt_embedding_bag(cores, hits.ids, hits.offsets, hits.weights, p, q, ranks, n, 0)
+        pool = tt_embedding_bag_for_backward if for_backward else tt_embedding_bag
+        return pool(cores, hits.ids, hits.offsets, hits.weights, p, q, ranks, n, 0)
 
     def hit_weight_grad(self, grad_output: Tensor, split: CacheSplit) -> Tensor:
         """``<grad_output[bag], cached row>`` for every element of ``split.hits`` (padding included)."""

@@ -25,6 +25,7 @@ from torchrec_tt.ops import (
     PoolingMode,
     tt_embedding_bag,
     tt_embedding_bag_backward_fused_,
+    tt_embedding_bag_for_backward,
     tt_lookup_rows,
 )
 from torchrec_tt.ops.tt_embedding_bag import per_sample_weights_grad
@@ -45,7 +46,7 @@ class _FusedTTEmbeddingBag(torch.autograd.Function):
         ctx.versions = None if torch.compiler.is_compiling() else [c._version for c in cores]
         ctx.cores = cores
         ctx.save_for_backward(indices, offsets, weights)
-        return tt_embedding_bag(cores, indices, offsets, weights, *table._op_shape_args(), table._pooling_mode)
+        return tt_embedding_bag_for_backward(cores, indices, offsets, weights, *table._op_shape_args(), table._pooling_mode)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
@@ -72,7 +73,7 @@ class _CachedFusedTTEmbeddingBag(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, table: TTEmbeddingBag, indices: Tensor, offsets: Tensor, weights: Tensor | None, *cores: Tensor) -> Tensor:
-        split, out = table._cached_lookup(indices, offsets, weights)
+        split, out = table._cached_lookup(indices, offsets, weights, for_backward=True)
         ctx.table, ctx.split, ctx.cores = table, split, cores
         ctx.versions = [c._version for c in cores] + [table.cache.cache_weight._version]
         return out
@@ -249,6 +250,11 @@ class TTEmbeddingBag(nn.Module):
         if self._fused_optimizer == FusedOptimizer.ROWWISE_ADAGRAD:
             return [(p,) for p in self.tt_p_shapes]
         return []
+
+    def _core_list(self) -> list[Tensor]:
+        # The cores in order; ParameterList's own iteration costs ~10 us per core per call
+        # (string-indexed __getitem__), and the step makes two calls.
+        return list(self.tt_cores._parameters.values())
 
     def _op_shape_args(self) -> tuple[list[int], list[int], list[int], int]:
         return self.tt_p_shapes, self.tt_q_shapes, self.tt_ranks, self.num_embeddings
@@ -432,7 +438,7 @@ class TTEmbeddingBag(nn.Module):
             Tensor: ``(B, embedding_dim)``.
         """
         indices, offsets, weights = self._bags(input, offsets, per_sample_weights)
-        cores = list(self.tt_cores)
+        cores = self._core_list()
         if self.cache is not None:
             return self._cached_forward(indices, offsets, weights, cores)
         try:
@@ -448,7 +454,7 @@ class TTEmbeddingBag(nn.Module):
     ) -> None:
         tt_embedding_bag_backward_fused_(
             grad_output,
-            list(self.tt_cores),
+            self._core_list(),
             self.optimizer_states(),
             indices,
             offsets,
@@ -468,19 +474,22 @@ class TTEmbeddingBag(nn.Module):
         if torch.is_grad_enabled():
             out = _CachedFusedTTEmbeddingBag.apply(self, indices, offsets, weights, *cores)
         else:
-            _, out = self._cached_lookup(indices, offsets, weights)
+            _, out = self._cached_lookup(indices, offsets, weights, for_backward=False)
         return out
 
-    def _cached_lookup(self, indices: Tensor, offsets: Tensor, weights: Tensor | None) -> tuple[CacheSplit, Tensor]:
+    def _cached_lookup(
+        self, indices: Tensor, offsets: Tensor, weights: Tensor | None, for_backward: bool
+    ) -> tuple[CacheSplit, Tensor]:
         """Hits pooled from the cache plus misses pooled from the cores; counts accesses in training."""
         assert self.cache is not None
-        split, out = self.cache.split(indices, offsets, weights, self.mode == "mean", self.num_embeddings)
+        split, out = self.cache.split(indices, offsets, weights, self.mode == "mean", self.num_embeddings, for_backward)
+        pool = tt_embedding_bag_for_backward if for_backward else tt_embedding_bag
         if self.training:
             self.cache.record(indices)
         misses = split.misses
         if misses.ids.numel():
             out = out + misses.real_bags(
-                tt_embedding_bag(
+                pool(
                     list(self.tt_cores), misses.ids, misses.offsets, misses.weights.to(out.dtype),
                     *self._op_shape_args(), PoolingMode.SUM,
                 )

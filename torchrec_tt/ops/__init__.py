@@ -7,6 +7,7 @@ from torchrec_tt.ops.tt_embedding_bag import (
     tt_embedding_bag,
     tt_embedding_bag_backward,
     tt_embedding_bag_backward_fused_,
+    tt_embedding_bag_for_backward,
     tt_lookup_rows,
 )
 
@@ -18,5 +19,6 @@ __all__ = [
     "tt_embedding_bag",
     "tt_embedding_bag_backward",
     "tt_embedding_bag_backward_fused_",
+    "tt_embedding_bag_for_backward",
     "tt_lookup_rows",
 ]

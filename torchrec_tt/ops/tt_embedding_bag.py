@@ -21,6 +21,7 @@ __all__ = [
     "tt_embedding_bag",
     "tt_embedding_bag_backward",
     "tt_embedding_bag_backward_fused_",
+    "tt_embedding_bag_for_backward",
     "tt_lookup_rows",
 ]
 
@@ -66,6 +67,48 @@ def tt_embedding_bag(
     return _ops.tt_embedding_bag_forward.default(
         cores, indices, offsets, per_sample_weights, p_shapes, q_shapes, ranks, num_embeddings, pooling_mode
     )
+
+
+def tt_embedding_bag_for_backward(
+    cores: list[Tensor],
+    indices: Tensor,
+    offsets: Tensor,
+    per_sample_weights: Tensor | None,
+    p_shapes: list[int],
+    q_shapes: list[int],
+    ranks: list[int],
+    num_embeddings: int,
+    pooling_mode: int = 0,
+) -> Tensor:
+    """:func:`tt_embedding_bag` for the forward of an ``autograd.Function`` that runs a TT backward op itself.
+
+    The op runs below autograd (nothing is recorded; the caller's Function owns the
+    backward) with grad mode on. Grad mode tells the CUDA kernels that a backward
+    follows: they keep the sorted batch, and the backward op of the same ``indices``,
+    ``offsets`` and ``per_sample_weights`` (same, unmodified tensors; any thread) takes
+    it instead of sorting again. The other kernels ignore it.
+
+    Args: as :func:`tt_embedding_bag`.
+
+    Returns:
+        Tensor: ``(B, D)``, without a ``grad_fn``.
+
+    Example::
+
+        >>> cores = [torch.randn(2, 6, requires_grad=True), torch.randn(5, 6, requires_grad=True)]
+        >>> out = tt_embedding_bag_for_backward(
+        ...     cores, torch.tensor([1, 9]), torch.tensor([0, 2]), None, [2, 5], [2, 2], [1, 3, 1], 10)
+        >>> out.shape, out.requires_grad
+        (torch.Size([1, 4]), False)
+    """
+    if torch.compiler.is_compiling():  # traced: no kernel state to keep
+        return tt_embedding_bag(
+            cores, indices, offsets, per_sample_weights, p_shapes, q_shapes, ranks, num_embeddings, pooling_mode
+        )
+    with torch._C._AutoDispatchBelowAutograd(), torch.enable_grad():
+        return _ops.tt_embedding_bag_forward.default(
+            cores, indices, offsets, per_sample_weights, p_shapes, q_shapes, ranks, num_embeddings, pooling_mode
+        )
 
 
 def tt_embedding_bag_backward(
