@@ -13,6 +13,9 @@
 #   SKIP_KERNEL_TESTS=1           leave out tests/test_cuda_kernels.py (the other GPU tests still run)
 #   RUN_NCCL_CHECK=1              run the multi-GPU hook below (when >= 2 GPUs)
 #   RUN_CACHE_BENCH=1             run benchmarks/bench_tt_cache.py (args: CACHE_BENCH_ARGS)
+#   RUN_HOST_BENCH=1              run benchmarks/bench_host_overhead.py (host time per part of a step)
+#   VARIANTS="A=1 B=2,C=3"        A/B runs: the benchmark again once per space-separated variant, with
+#                                 its comma-separated VAR=value settings (args: VARIANT_BENCH_ARGS)
 # Exit status: non-zero if the build, the tests or the benchmark failed.
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -118,6 +121,24 @@ if [ "${RUN_CACHE_BENCH:-0}" = 1 ]; then
   rc=${PIPESTATUS[0]}
   status+=("cache benchmark: rc=$rc")
 fi
+
+# 4c. host overhead of the parts of a step
+if [ "${RUN_HOST_BENCH:-0}" = 1 ]; then
+  stamp "host overhead benchmark"
+  "$py" benchmarks/bench_host_overhead.py --out "$out/host_overhead.json" 2>&1 | tee "$out/bench_host.log"
+  status+=("host overhead benchmark: rc=${PIPESTATUS[0]}")
+fi
+
+# 4d. kernel variants (environment switches) timed in the same run
+for variant in ${VARIANTS:-}; do
+  stamp "benchmark variant $variant"
+  tag=$(echo "$variant" | tr -c 'A-Za-z0-9_\n' '_')
+  # shellcheck disable=SC2086
+  env $(echo "$variant" | tr ',' ' ') "$py" benchmarks/bench_tt_embedding_bag.py --device cuda --out-dir "$out/variant_$tag" \
+    ${VARIANT_BENCH_ARGS:-} >"$out/bench_variant_$tag.log" 2>&1
+  status+=("benchmark variant $variant: rc=$?")
+  sed -n '/^| optimizer/,/^$/p' "$out/variant_$tag"/*.md 2>/dev/null
+done
 
 # 5. summary
 echo

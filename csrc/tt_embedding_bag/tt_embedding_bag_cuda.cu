@@ -452,6 +452,7 @@ template <typename scalar_t, typename acc_t>
 struct ReduceArgs {
   int S, rk, nk, Q;
   int has_T;                // sum of T_{k-1}^T dT_k (else a plain sum of dT rows of S)
+  int fast_T;               // has_T with r_k = 32, n_k = 128, float: register-tiled (reduce_t_32x128)
   const int32_t* count;     // device count of items
   const int32_t* digits;    // digit per sorted item
   const int32_t* perm;      // sorted position -> item (null: identity)
@@ -563,7 +564,53 @@ __device__ __forceinline__ void stage_rows(acc_t* dst, const acc_t* __restrict__
   }
 }
 
+// acc (32 x 128, shared memory) = sum over the items of T^T (32 x Q) dT (Q x 128), for
+// the middle core of the seed shapes (r_k = 32, n_k = 128, float; kThreads = 128).
+// kNI items at a time are staged in shared memory with all their loads in flight, then
+// warp w accumulates rows 8w..8w+7 and lane l columns 4l..4l+3 in registers (32 sums;
+// the generic path keeps the sums in shared memory and re-reads them every kNI items).
+// Items, then q, in order: deterministic.
 template <typename scalar_t, typename acc_t>
+__device__ void reduce_t_32x128(
+    const ReduceArgs<scalar_t, acc_t>& a, const int* items, int count, acc_t* acc, acc_t* ts, acc_t* dts) {
+  static_assert(kThreads == 128, "4 warps x 8 rows");
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int Q = a.Q;
+  float r[8][4];
+#pragma unroll
+  for (int ra = 0; ra < 8; ++ra)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) r[ra][c] = 0.f;
+  for (int i0 = 0; i0 < count; i0 += kNI) {
+    const int nb = min(kNI, count - i0);
+    stage_rows<acc_t>(ts, a.tbuf, Q * 32, items + i0, nb);
+    stage_rows<acc_t>(dts, a.dtbuf, Q * 128, items + i0, nb);
+    __syncthreads();
+    for (int j = 0; j < nb * Q; ++j) {  // j = item * Q + q
+      const float4 d = *reinterpret_cast<const float4*>(dts + j * 128 + 4 * lane);
+      const float4 t0 = *reinterpret_cast<const float4*>(ts + j * 32 + 8 * w);
+      const float4 t1 = *reinterpret_cast<const float4*>(ts + j * 32 + 8 * w + 4);
+      const float t[8] = {t0.x, t0.y, t0.z, t0.w, t1.x, t1.y, t1.z, t1.w};
+#pragma unroll
+      for (int ra = 0; ra < 8; ++ra) {
+        r[ra][0] = fmaf(t[ra], d.x, r[ra][0]);
+        r[ra][1] = fmaf(t[ra], d.y, r[ra][1]);
+        r[ra][2] = fmaf(t[ra], d.z, r[ra][2]);
+        r[ra][3] = fmaf(t[ra], d.w, r[ra][3]);
+      }
+    }
+    __syncthreads();  // before the next items overwrite the staging buffers
+  }
+#pragma unroll
+  for (int ra = 0; ra < 8; ++ra) {
+    *reinterpret_cast<float4*>(acc + (8 * w + ra) * 128 + 4 * lane) = make_float4(r[ra][0], r[ra][1], r[ra][2], r[ra][3]);
+  }
+}
+
+// What a reduction kernel instantiation sums per slice (one launch per kind).
+enum ReduceKind : int { kPlainSum = 0, kGemmT = 1, kFastT = 2 };
+
+template <typename scalar_t, typename acc_t, int KIND>
 __global__ void __launch_bounds__(kThreads) tt_reduce_kernel(const __grid_constant__ ReduceLaunch<scalar_t, acc_t> m) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
@@ -593,22 +640,23 @@ __global__ void __launch_bounds__(kThreads) tt_reduce_kernel(const __grid_consta
     while (e < s1 && dig[e] == dg) ++e;
     const bool gstart = pos == 0 || dig[pos - 1] != dg;
     const bool gend = e == n || dig[e] != dg;
-    if (!a.has_T) {
+    if constexpr (KIND == kPlainSum) {
       for (int x = tid; x < a.S; x += kThreads) {
         acc_t s = acc_t(0);
         int i = pos;
-        for (; i + 4 <= e; i += 4) {  // 4 loads in flight, summed in order
-          const acc_t v0 = a.dtbuf[static_cast<int64_t>(sitem[i - s0]) * a.S + x];
-          const acc_t v1 = a.dtbuf[static_cast<int64_t>(sitem[i + 1 - s0]) * a.S + x];
-          const acc_t v2 = a.dtbuf[static_cast<int64_t>(sitem[i + 2 - s0]) * a.S + x];
-          const acc_t v3 = a.dtbuf[static_cast<int64_t>(sitem[i + 3 - s0]) * a.S + x];
-          s += v0;
-          s += v1;
-          s += v2;
-          s += v3;
+        for (; i + 8 <= e; i += 8) {  // 8 loads in flight, summed in order
+          acc_t v[8];
+#pragma unroll
+          for (int u = 0; u < 8; ++u) v[u] = a.dtbuf[static_cast<int64_t>(sitem[i + u - s0]) * a.S + x];
+#pragma unroll
+          for (int u = 0; u < 8; ++u) s += v[u];
         }
         for (; i < e; ++i) s += a.dtbuf[static_cast<int64_t>(sitem[i - s0]) * a.S + x];
         acc[x] = s;
+      }
+    } else if constexpr (KIND == kFastT) {
+      if constexpr (std::is_same_v<acc_t, float>) {
+        reduce_t_32x128(a, sitem + (pos - s0), e - pos, acc, sm + a.sm_ts, sm + a.sm_dts);
       }
     } else {
       for (int x = tid; x < a.S; x += kThreads) acc[x] = acc_t(0);
@@ -1130,6 +1178,12 @@ unsigned fast_grid(int64_t max_items) {
   return grid_1d(max_items, kFastWarps * kFastItemsPerWarp);
 }
 
+template <bool BWD>
+void launch_fast_items(const FastArgs& f, int64_t max_items, cudaStream_t stream) {
+  tt_fast_item_kernel<4, 32, 32, 4, BWD><<<fast_grid(max_items), kFastWarps * 32, 0, stream>>>(f);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // The unique rows of a batch, computed by the forward item kernel: [max_urows, D] in acc dtype.
 template <typename scalar_t, typename acc_t>
 at::Tensor compute_rows(const char* op, const TTDims& t, const std::vector<at::Tensor>& cores, const Batch& bt, cudaStream_t stream) {
@@ -1140,8 +1194,7 @@ at::Tensor compute_rows(const char* op, const TTDims& t, const std::vector<at::T
         fast_path_ok(t, cores[0].scalar_type(), {cores[0].const_data_ptr(), cores[1].const_data_ptr(), cores[2].const_data_ptr()})) {
       FastArgs f = fast_args(cores, bt);
       f.rowbuf = rowbuf.mutable_data_ptr<float>();
-      tt_fast_item_kernel<4, 32, 32, 4, false><<<fast_grid(bt.max_items), kFastWarps * 32, 0, stream>>>(f);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_fast_items<false>(f, bt.max_items, stream);
       return rowbuf;
     }
   }
@@ -1403,8 +1456,7 @@ void run_backward(
       f.tbuf1 = tbuf[1];
       f.dtbuf0 = dtbuf[0];
       f.dtbuf1 = dtbuf[1];
-      tt_fast_item_kernel<4, 32, 32, 4, true><<<fast_grid(bt.max_items), kFastWarps * 32, 0, stream>>>(f);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_fast_items<true>(f, bt.max_items, stream);
       fast = true;
     }
   }
@@ -1442,17 +1494,20 @@ void run_backward(
         static_cast<int>(nkeys[k]), 0, bits_for(t.p[k]), stream));
   }
 
-  // Step 6: every core's slices reduced and finalised (gradient or update) in one
-  // launch, the runs that cross chunks in a second one.
+  // Step 6: every core's slices reduced and finalised (gradient or update): one launch
+  // per kind of sum (plain sums of the first and last cores, T^T dT of the middle ones),
+  // each kind compiled with its own register budget; the runs that cross chunks in one
+  // more launch for all cores.
   const int sdt = state.empty() ? kStateFloat : state_dtype_code(state[0].scalar_type());
-  ReduceLaunch<scalar_t, acc_t> rl{};
+  ReduceLaunch<scalar_t, acc_t> kind_launch[3]{};
+  size_t kind_bytes[3] = {0, 0, 0};
   ReduceLaunch<scalar_t, acc_t> tl{};
-  rl.ncores = tl.ncores = d;
-  size_t bytes = 0, tail_bytes = 0;
-  int blocks = 0;
+  size_t tail_bytes = 0;
+  int tail_blocks = 0;
   for (int k = 0; k < d; ++k) {
-    ReduceArgs<scalar_t, acc_t>& r = rl.r[k];
+    ReduceArgs<scalar_t, acc_t> r{};
     r.has_T = (k >= 1 && k < L) ? 1 : 0;
+    r.fast_T = r.has_T && std::is_same_v<acc_t, float> && t.r[k] == 32 && t.n[k] == 128 ? 1 : 0;
     r.Q = t.Q[k];
     r.rk = t.r[k];
     r.nk = t.n[k];
@@ -1476,29 +1531,41 @@ void run_backward(
     if (r.has_T) {
       r.sm_ts = sp.take(int64_t{kNI} * t.Q[k] * t.r[k]);
       r.sm_dts = sp.take(int64_t{kNI} * t.Q[k] * t.n[k]);
-      r.sm_scratch = sp.take(kGemmScratch);
+      if (!r.fast_T) r.sm_scratch = sp.take(kGemmScratch);
     }
     r.sm_red = sp.take(kThreads + 4);
-    bytes = std::max(bytes, static_cast<size_t>(sp.off) * sizeof(acc_t));
-    // the tail kernel needs the accumulator and the reduction scratch only
-    tl.r[k] = r;
-    SmemPlan tp;
-    tl.r[k].sm_acc = tp.take(t.S[k]);
-    tl.r[k].sm_red = tp.take(kThreads + 4);
-    tail_bytes = std::max(tail_bytes, static_cast<size_t>(tp.off) * sizeof(acc_t));
-    rl.block0[k] = tl.block0[k] = blocks;
     const int64_t nb = ceil_div(nkeys[k], kReduceChunk);
-    TORCH_CHECK(blocks + nb < INT_MAX, op, ": too many reduction blocks");
-    blocks += static_cast<int>(nb);
+    TORCH_CHECK(tail_blocks + nb < INT_MAX, op, ": too many reduction blocks");
+    const int kind = r.fast_T ? kFastT : r.has_T ? kGemmT : kPlainSum;
+    ReduceLaunch<scalar_t, acc_t>& kl = kind_launch[kind];
+    kl.r[kl.ncores] = r;
+    kl.block0[kl.ncores + 1] = kl.block0[kl.ncores] + static_cast<int>(nb);
+    ++kl.ncores;
+    kind_bytes[kind] = std::max(kind_bytes[kind], static_cast<size_t>(sp.off) * sizeof(acc_t));
+    // the tail kernel needs the accumulator and the reduction scratch only
+    SmemPlan tp;
+    r.sm_acc = tp.take(t.S[k]);
+    r.sm_red = tp.take(kThreads + 4);
+    tail_bytes = std::max(tail_bytes, static_cast<size_t>(tp.off) * sizeof(acc_t));
+    tl.r[k] = r;
+    tl.block0[k] = tail_blocks;
+    tail_blocks += static_cast<int>(nb);
+    tl.block0[k + 1] = tail_blocks;
   }
-  rl.block0[d] = tl.block0[d] = blocks;
-  auto k1 = tt_reduce_kernel<scalar_t, acc_t>;
-  auto k2 = tt_reduce_tail_kernel<scalar_t, acc_t>;
-  prepare_smem(op, k1, bytes, device);
-  k1<<<blocks, kThreads, bytes, stream>>>(rl);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  prepare_smem(op, k2, tail_bytes, device);
-  k2<<<blocks, kThreads, tail_bytes, stream>>>(tl);
+  tl.ncores = d;
+  const decltype(&tt_reduce_kernel<scalar_t, acc_t, kPlainSum>) kernels[3] = {
+      tt_reduce_kernel<scalar_t, acc_t, kPlainSum>, tt_reduce_kernel<scalar_t, acc_t, kGemmT>,
+      tt_reduce_kernel<scalar_t, acc_t, kFastT>};
+  for (int kind = 0; kind < 3; ++kind) {
+    const ReduceLaunch<scalar_t, acc_t>& kl = kind_launch[kind];
+    if (kl.ncores == 0) continue;
+    prepare_smem(op, kernels[kind], kind_bytes[kind], device);
+    kernels[kind]<<<kl.block0[kl.ncores], kThreads, kind_bytes[kind], stream>>>(kl);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  auto tail = tt_reduce_tail_kernel<scalar_t, acc_t>;
+  prepare_smem(op, tail, tail_bytes, device);
+  tail<<<tail_blocks, kThreads, tail_bytes, stream>>>(tl);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,0 +1,117 @@
+"""Host (CPU) time per call of the parts of a TT training step on CUDA.
+
+Small batches are host bound: the GPU finishes a B=512 step long before Python,
+autograd and the launches of the next one are issued. This script times each part
+in a loop of back-to-back calls (the wall time per call is then the host time, since
+the GPU keeps up), beside the same loop for the uncompressed ``nn.EmbeddingBag``
+and for a single tiny kernel launch (the floor of any eager op).
+
+Example::
+
+    python benchmarks/bench_host_overhead.py --batch-size 512 --pooling-factor 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("bench_host_overhead")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--num-embeddings", "-E", type=int, default=11_000_000)
+    ap.add_argument("--p-shapes", default="200,220,250")
+    ap.add_argument("--q-shapes", default="4,4,4")
+    ap.add_argument("--ranks", default="32,32")
+    ap.add_argument("--batch-size", "-B", type=int, default=512)
+    ap.add_argument("--pooling-factor", "-L", type=int, default=20)
+    ap.add_argument("--iters", type=int, default=300, help="timed calls per part")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    return ap.parse_args(argv)
+
+
+def host_us_per_call(fn: Callable[[], object], iters: int) -> dict[str, float]:
+    """Wall time per call of back-to-back calls, and the GPU time per call over the same loop."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = time.perf_counter()
+    start.record()
+    for _ in range(iters):
+        fn()
+    stop.record()
+    host = time.perf_counter() - t0  # issue time (the loop never waits on the GPU)
+    torch.cuda.synchronize()
+    return {"host_us": host / iters * 1e6, "gpu_us": start.elapsed_time(stop) / iters * 1e3}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    from torchrec_tt import OptimType, TTEmbeddingBag
+
+    dev = "cuda"
+    p, q, r = ([int(v) for v in s.split(",")] for s in (args.p_shapes, args.q_shapes, args.ranks))
+    D = math.prod(q)
+    B, L = args.batch_size, args.pooling_factor
+    torch.manual_seed(0)
+    table = TTEmbeddingBag(
+        args.num_embeddings, D, p, q, r, sparse=True, optimizer=OptimType.SGD, learning_rate=0.0, device=dev
+    )
+    ids = torch.randint(0, args.num_embeddings, (B * L,), device=dev)
+    offsets = torch.arange(0, B * L + 1, L, device=dev)
+    g = torch.randn(B, D, device=dev)
+    cores = [c.detach() for c in table.tt_cores]
+    ranks = [1, *r, 1]
+    ops = torch.ops.torchrec_tt
+    dense = torch.nn.EmbeddingBag(args.num_embeddings, D, mode="sum", sparse=True, device=dev)
+    dense_opt = torch.optim.SGD(dense.parameters(), lr=0.0)
+    tiny = torch.zeros(1, device=dev)
+
+    def dense_step() -> None:
+        dense(ids, offsets[:-1]).backward(g)
+        dense_opt.step()
+        dense_opt.zero_grad(set_to_none=True)
+
+    def no_grad_forward() -> None:
+        with torch.no_grad():
+            table(ids, offsets[:-1])
+
+    parts: dict[str, Callable[[], object]] = {
+        "TT module step (forward + backward + fused SGD)": lambda: table(ids, offsets[:-1]).backward(g),
+        "TT module forward under no_grad": no_grad_forward,
+        "TT forward op": lambda: ops.tt_embedding_bag_forward(cores, ids, offsets, None, p, q, ranks, args.num_embeddings, 0),
+        "TT fused backward op (sorts its own batch)": lambda: ops.tt_embedding_bag_backward_fused_(
+            g, cores, [], ids, offsets, None, p, q, ranks, args.num_embeddings, 0, 0, 0.0, 0.0
+        ),
+        "nn.EmbeddingBag(sparse=True) + SGD step": dense_step,
+        "one tiny kernel launch (x.add_(1))": lambda: tiny.add_(1),
+    }
+    results = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "B": B,
+        "L": L,
+        "parts": {name: host_us_per_call(fn, args.iters) for name, fn in parts.items()},
+    }
+    log.info("Host time per call, %s, B=%d, L=%d (us):", results["device"], B, L)
+    log.info("| part | host us/call | GPU us/call |\n|---|---|---|")
+    for name, v in results["parts"].items():
+        log.info("| %s | %.1f | %.1f |", name, v["host_us"], v["gpu_us"])
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
