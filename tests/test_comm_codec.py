@@ -294,6 +294,27 @@ def test_cuda_no_host_sync_and_matches_cpu(bits):
     assert_within_bound(x, y.cpu(), bits, 32)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_cuda_compile_option_matches_eager(bits):
+    """compile=True with the default backend (inductor) on CUDA, over the lengths of forward,
+    backward and evaluation calls and both grad modes: the eager codec's format (a byte may differ
+    where a quotient rounds the other way) and the error bound."""
+    torch._dynamo.reset()
+    c = ErrorBoundedCommCodec(ErrorBoundPolicy("fixed", bits=bits), block_size=16, compile=True)
+    eager = codec(bits, 16)
+    for n in (16 * 10, 16 * 77, 16 * 4096):
+        for grad in (True, False):
+            x = (torch.randn(n, device="cuda") * 3).requires_grad_(grad)
+            with torch.set_grad_enabled(grad):
+                wire = c.encode(x)
+                want = eager.encode(x.detach())
+                assert not wire.requires_grad and wire.shape == want.shape
+                assert (wire != want).float().mean() < 1e-3
+                assert_within_bound(x.detach().cpu(), c.decode(wire).cpu(), bits, 16)
+
+
 # ----------------------------------------------------------------------------- policy
 def test_bound_schedule():
     assert BoundSchedule(0.1)(10**6) == 0.1

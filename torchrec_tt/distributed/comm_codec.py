@@ -264,6 +264,8 @@ def encode_blocks(x: Tensor, bits: int, block_size: int) -> tuple[Tensor, Tensor
     """Encode ``x`` (any float dtype, numel a multiple of ``block_size``) into the wire format.
 
     Pure tensor code with static shapes (no host sync; ``torch.compile(fullgraph=True)`` works).
+    The per-block scales are dtype-viewed as a 1-D tensor: inductor may give the ``(n, 1)``
+    column a last-dim stride other than 1, which its dtype view refuses.
 
     Args:
         x (Tensor): values; converted to float32.
@@ -281,10 +283,10 @@ def encode_blocks(x: Tensor, bits: int, block_size: int) -> tuple[Tensor, Tensor
     absmax = xb.abs().nan_to_num_(nan=0.0, posinf=0.0).amax(dim=1, keepdim=True)  # finite values only
     scale = torch.clamp(absmax / q_max, min=MIN_SCALE)
     if bits == 16:
-        header = scale.view(torch.uint8)
+        header = scale.reshape(-1).view(torch.uint8).reshape(-1, 4)
     else:  # round the (positive, normal) scale up to the next bfloat16: clear the low 16 bits, carrying up
         scale = ((scale.view(torch.int32) + 0xFFFF) & -65536).view(torch.float32)
-        header = scale.to(torch.bfloat16).view(torch.uint8)  # exact: the low half is zero
+        header = scale.reshape(-1).to(torch.bfloat16).view(torch.uint8).reshape(-1, 2)  # exact: low half zero
     # finite x: |x / s| <= Q (to rounding), so the clamp only catches the sentinel; NaN / +-inf -> sentinel
     q = torch.nan_to_num(torch.round(xb / scale), nan=sentinel, posinf=sentinel, neginf=sentinel)
     q = q.clamp_(sentinel, q_max)
