@@ -78,6 +78,9 @@ def test_cli_value_syntax():
         ({"batch_size": "many"}, "batch_size"),
         ({"progress_bar": "maybe"}, "boolean"),
         ({"train_steps": 0}, "synthetic stream is infinite"),
+        ({"tt_cache_fraction": 1.5}, "tt_cache_fraction"),
+        ({"tt_cache_eviction_policy": "lru"}, "tt_cache_eviction_policy must be one of"),
+        ({"tt_table_shapes": {"a": {"cache_rows": 3}}}, "keys among"),
     ],
 )
 def test_invalid_configs_raise(overrides, match):
@@ -125,6 +128,21 @@ def test_tt_table_selection():
     shaped = config_from_dict({"tt_table_shapes": {"a": {"tt_p_shapes": [10, 10], "tt_ranks": [3]}}}).model
     (t,) = build_tables(["a"], [100], shaped)
     assert t.tt_p_shapes == [10, 10] and t.tt_ranks == [3]
+
+
+def test_tt_cache_settings_reach_the_table_configs():
+    cfg = config_from_dict({
+        "tt_num_largest": 3, "tt_min_rows": 0, "tt_ranks": [4, 4], "tt_cache_fraction": 0.01,
+        "tt_cache_populate_interval": 7, "tt_cache_eviction_policy": "discard",
+        "tt_table_shapes": {"b": {"cache_size": 5, "hashtbl_size": 64}, "c": {"use_cache": False}},
+    }).model  # fmt: skip
+    a, b, c, d = build_tables(["a", "b", "c", "d"], [1000, 2000, 3000, 10], cfg)
+    assert (a.use_cache, a.cache_size, a.cache_populate_interval, a.cache_eviction_policy) == (True, 10, 7, "discard")
+    assert (b.cache_size, b.hashtbl_size, b.cache_populate_interval) == (5, 64, 7)
+    assert not c.use_cache and c.cache_size == 0  # opted out: the other cache settings are not applied
+    assert type(d).__name__ == "EmbeddingBagConfig"  # not a TT table: no cache
+    off = build_tables(["a"], [1000], config_from_dict({"tt_min_rows": 0, "tt_ranks": [4, 4]}).model)[0]
+    assert not off.use_cache
 
 
 # ----------------------------------------------------------------------------- data
@@ -281,6 +299,25 @@ def _clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env["PYTHONWARNINGS"] = "ignore"
     return env
+
+
+def test_train_with_lfu_caches(tmp_path):
+    """--tt_cache_fraction gives every TT table an LFU cache that the sharded model populates
+    every --tt_cache_populate_interval lookups and trains; the summary reports its hits."""
+    args = list(_TINY)
+    args[args.index("--train_steps") + 1] = "12"
+    out = tmp_path / "run"
+    subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--tt_cache_fraction", "0.01", "--tt_cache_populate_interval", "4",
+         "--out_dir", str(out)],
+        check=True, env=_clean_env(), cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    caches = summary["cache_statistics_rank0"]
+    assert len(caches) == 2 and all(name.startswith(("t_cat_0", "t_cat_1")) for name in caches)
+    for st in caches.values():
+        assert st["populates"] >= 2 and st["hits"] > 0 and 0 < st["hit_rate"] < 1 and st["occupancy"] == 1.0
+    assert math.isfinite(summary["test_loss"]) and 0.5 < summary["test_auc"] < 1
 
 
 @pytest.fixture(scope="module")

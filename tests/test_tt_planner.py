@@ -122,3 +122,30 @@ def test_sharder_rejects_unknown_or_unsupported_optimizer_up_front():
     p._optimizer_classes, p._optimizer_kwargs = [torch.optim.SGD], [{"lr": 0.1, "momentum": 0.9}]
     with pytest.raises(ValueError, match="TT table 't0'.*momentum"):
         resolve_table_optimizer("t0", None, [p])
+
+
+def test_cached_tables_never_data_parallel_nor_column_wise_with_rowwise_adagrad():
+    """The sharded module refuses a cached table data-parallel, or column-wise with row-wise Adagrad:
+    the constraints keep the planner from choosing either."""
+    from torchrec_tt.distributed.planner import tt_parameter_constraints  # noqa: PLC0415
+
+    kw = {"num_embeddings": 100_000, "embedding_dim": 128, "tt_ranks": [8, 8]}
+    tables = [
+        TTEmbeddingBagConfig(name="plain", feature_names=["a"], **kw),
+        TTEmbeddingBagConfig(name="cached", feature_names=["b"], use_cache=True, cache_size=64, **kw),
+    ]
+    model = TTEmbeddingBagCollection(tables, device="meta")
+    topology = Topology(world_size=2, compute_device="cuda", hbm_cap=GiB)
+    adagrad = tt_parameter_constraints(model, topology, fused_params=FUSED)
+    assert {"data_parallel", "column_wise"} <= set(adagrad["plain"].sharding_types)
+    assert "data_parallel" not in adagrad["cached"].sharding_types
+    assert "column_wise" in adagrad["cached"].sharding_types
+    rowwise = tt_parameter_constraints(
+        model, topology, fused_params={"optimizer": "exact_row_wise_adagrad", "learning_rate": 0.1}
+    )
+    assert "column_wise" in rowwise["plain"].sharding_types
+    assert not {"data_parallel", "column_wise"} & set(rowwise["cached"].sharding_types)
+    with pytest.raises(ValueError, match="TT table 'cached'.*never data-parallel"):
+        tt_parameter_constraints(model, topology, {"cached": ParameterConstraints(sharding_types=["data_parallel"])}, FUSED)
+    _, plan = _plan(model, topology, [TTEmbeddingBagCollectionSharder(fused_params=FUSED)])
+    assert plan.plan[""]["cached"].sharding_type != "data_parallel"

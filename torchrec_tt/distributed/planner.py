@@ -210,18 +210,23 @@ def tt_parameter_constraints(
     model: nn.Module,
     topology: Topology,
     constraints: dict[str, ParameterConstraints] | None = None,
+    fused_params: dict[str, Any] | None = None,
 ) -> dict[str, ParameterConstraints]:
     """Constraints that keep the planner to shardings TT tables can take.
 
     For each table of every ``TTEmbeddingBagCollection`` in ``model``: the TT compute
     kernel; row-wise / table-row-wise only when the row block is whole first-core
-    slices for this topology; column-wise shards of whole first-core slices. User
-    constraints for a table are kept (their sharding types are intersected).
+    slices for this topology; column-wise shards of whole first-core slices; a cached
+    table (``use_cache=True``) never data-parallel, nor column-wise when its fused
+    optimizer is row-wise Adagrad (the sharded module refuses both). User constraints
+    for a table are kept (their sharding types are intersected).
 
     Args:
         model (nn.Module): the model to plan.
         topology (Topology): the planner's topology.
         constraints (dict[str, ParameterConstraints], optional): user constraints.
+        fused_params (dict, optional): the TT sharder's ``fused_params`` (the optimizer of
+            cached tables).
 
     Returns:
         dict[str, ParameterConstraints]: constraints for every table.
@@ -242,15 +247,22 @@ def tt_parameter_constraints(
             block = _aligned_cw_block(config)
             if block is not None and block < config.embedding_dim:
                 allowed.append(ShardingType.COLUMN_WISE.value)
+            if uses_cache(config):
+                allowed.remove(ShardingType.DATA_PARALLEL.value)
+                params = list(module.embedding_bags[config.name].parameters())
+                if resolve_table_optimizer(config.name, fused_params, params).optimizer == FusedOptimizer.ROWWISE_ADAGRAD:
+                    allowed = [st for st in allowed if st != ShardingType.COLUMN_WISE.value]
             user = out.get(config.name)
             if user is not None:
                 if user.sharding_types:
-                    allowed = [s for s in user.sharding_types if s in allowed]
+                    possible = allowed
+                    allowed = [s for s in user.sharding_types if s in possible]
                     if not allowed:
                         raise ValueError(
                             f"TT table '{config.name}': none of the constrained sharding types {user.sharding_types} "
-                            "is possible (row-wise needs row blocks of whole first-core slices: see "
-                            "torchrec_tt.modules.align_config_for_row_wise)"
+                            f"is possible; this table can take {possible} (row-wise needs row blocks of whole "
+                            "first-core slices: see torchrec_tt.modules.align_config_for_row_wise; a cached table is "
+                            "never data-parallel)"
                         )
                 user.sharding_types = allowed
                 user.compute_kernels = [TT_COMPUTE_KERNEL]
@@ -293,7 +305,7 @@ def make_tt_planner(
         >>> plan = planner.plan(model, [TTEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder()])
     """
     if model is not None:
-        constraints = tt_parameter_constraints(model, topology, constraints)
+        constraints = tt_parameter_constraints(model, topology, constraints, fused_params)
     estimators = [
         TTPerfEstimator(topology, constraints, flops_per_byte=flops_per_byte),
         TTStorageEstimator(topology, constraints, fused_params=fused_params),

@@ -83,6 +83,8 @@ _SMALL_NUM_EMBEDDINGS: list[int] = [min(n, 200_000) for n in CRITEO_KAGGLE_NUM_E
 DATASETS = ("synthetic", "criteo_npy", "criteo_tsv", "movielens100k")
 MODELS = ("dlrm", "dlrm_dcn")
 COMPRESSIONS = ("tt", "none")
+# Cache settings a table may override in ``tt_table_shapes`` (TTEmbeddingBagConfig fields).
+TABLE_CACHE_KEYS = ("use_cache", "cache_size", "hashtbl_size", "cache_eviction_policy", "cache_populate_interval")
 DENSE_OPTIMIZERS = ("adagrad", "adam", "sgd")
 EMBEDDING_OPTIMIZERS = ("exact_row_wise_adagrad", "exact_adagrad", "exact_sgd", "sgd", "row_wise_adagrad")
 SHARDINGS = ("planner", "table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise")
@@ -199,8 +201,18 @@ class ModelConfig:
         tt_tables (list[str]): also compress these tables (by name, e.g. ``cat_2``).
         tt_ranks (list[int]): the ``d - 1`` inner TT ranks of every TT table.
         tt_num_cores (int): cores per TT table when shapes are derived.
-        tt_table_shapes (dict): per-table overrides, e.g.
-            ``{cat_2: {tt_p_shapes: [200, 220, 250], tt_q_shapes: [2, 2, 4], tt_ranks: [32, 32]}}``.
+        tt_table_shapes (dict): per-table overrides of the TT shapes and the cache settings
+            below, e.g. ``{cat_2: {tt_p_shapes: [200, 220, 250], tt_q_shapes: [2, 2, 4],
+            tt_ranks: [32, 32], cache_size: 4096}}`` (keys: ``tt_p_shapes``, ``tt_q_shapes``,
+            ``tt_ranks``, ``use_cache``, ``cache_size``, ``hashtbl_size``,
+            ``cache_eviction_policy``, ``cache_populate_interval``).
+        tt_cache_fraction (float): when > 0, every TT table gets an LFU cache of its hot rows
+            (``TTEmbeddingBagConfig(use_cache=True)``) of ``ceil(fraction * rows)`` rows per
+            shard; needs a fused embedding optimizer and no data-parallel TT tables.
+        tt_cache_populate_interval (int): repopulate the caches every this many training
+            lookups (``0``: never, the caches stay empty).
+        tt_cache_eviction_policy (str): ``writeback`` (evicted rows are fitted back into the
+            cores) or ``discard`` (TT-Rec's behaviour).
     """
 
     model_type: str = "dlrm"
@@ -217,9 +229,17 @@ class ModelConfig:
     tt_ranks: list[int] = field(default_factory=lambda: [16, 16])
     tt_num_cores: int = 3
     tt_table_shapes: dict[str, Any] = field(default_factory=dict)
+    tt_cache_fraction: float = 0.0
+    tt_cache_populate_interval: int = 100
+    tt_cache_eviction_policy: str = "writeback"
 
     def __post_init__(self) -> None:
         _check_choice("model_type", self.model_type, MODELS)
+        _check_choice("tt_cache_eviction_policy", self.tt_cache_eviction_policy, ("writeback", "discard"))
+        if not 0.0 <= self.tt_cache_fraction <= 1.0:
+            raise ValueError(f"tt_cache_fraction must be in [0, 1], got {self.tt_cache_fraction}")
+        if self.tt_cache_populate_interval < 0:
+            raise ValueError(f"tt_cache_populate_interval must be >= 0, got {self.tt_cache_populate_interval}")
         _check_choice("compression", self.compression, COMPRESSIONS)
         _check_choice("embedding_module", self.embedding_module, ("auto", "torchrec", "tt"))
         if not self.dense_arch_layer_sizes or self.dense_arch_layer_sizes[-1] != self.embedding_dim:
@@ -230,7 +250,7 @@ class ModelConfig:
             raise ValueError(f"over_arch_layer_sizes {self.over_arch_layer_sizes} must end with 1")
         if len(self.tt_ranks) != self.tt_num_cores - 1 or min(self.tt_ranks, default=1) < 1:
             raise ValueError(f"tt_ranks {self.tt_ranks} must be {self.tt_num_cores - 1} positive ints (tt_num_cores - 1)")
-        allowed = {"tt_p_shapes", "tt_q_shapes", "tt_ranks"}
+        allowed = {"tt_p_shapes", "tt_q_shapes", "tt_ranks", *TABLE_CACHE_KEYS}
         for name, shapes in self.tt_table_shapes.items():
             if not isinstance(shapes, dict) or not set(shapes) <= allowed:
                 raise ValueError(f"tt_table_shapes[{name!r}] must be a dict with keys among {sorted(allowed)}, got {shapes!r}")

@@ -14,6 +14,7 @@ Both get the fused embedding optimizer through the sharder's ``fused_params``
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -98,7 +99,7 @@ def build_tables(
     Args:
         feature_names (list[str]): one feature (and table ``t_<feature>``) each.
         sizes (list[int]): rows per table.
-        cfg (ModelConfig): dimension, TT selection, ranks and per-table shape overrides.
+        cfg (ModelConfig): dimension, TT selection, ranks, caches and per-table overrides.
         row_wise_shards (int): when > 1, TT tables are padded so that row-wise shards over
             this many ranks are whole first-core slices (``align_config_for_row_wise``).
 
@@ -119,6 +120,10 @@ def build_tables(
         if feature in tt:
             shapes = dict(cfg.tt_table_shapes.get(feature) or cfg.tt_table_shapes.get(_table_name(feature)) or {})
             shapes.setdefault("tt_ranks", list(cfg.tt_ranks))
+            if cfg.tt_cache_fraction > 0 and shapes.setdefault("use_cache", True):
+                shapes.setdefault("cache_size", max(1, math.ceil(cfg.tt_cache_fraction * n)))
+                shapes.setdefault("cache_populate_interval", cfg.tt_cache_populate_interval)
+                shapes.setdefault("cache_eviction_policy", cfg.tt_cache_eviction_policy)
             if "tt_p_shapes" not in shapes and "tt_q_shapes" not in shapes and len(shapes["tt_ranks"]) != cfg.tt_num_cores - 1:
                 raise ValueError(f"table {feature}: tt_ranks {shapes['tt_ranks']} do not match tt_num_cores={cfg.tt_num_cores}")
             table = TTEmbeddingBagConfig(**common, **shapes)

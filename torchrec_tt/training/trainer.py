@@ -45,6 +45,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingEnv
 from torchrec.optim.keyed import CombinedOptimizer
 
+from torchrec_tt.modules.tt_cache import cache_statistics
 from torchrec_tt.training.config import ExperimentConfig
 from torchrec_tt.training.data import (
     InMemoryRecDataset,
@@ -575,6 +576,7 @@ def _run(
         _write_eval(metrics, "test", step, epoch_of(step), eval_results["test"], t_start)
     if tc.checkpoint_at_end and (not tc.checkpoint_every or step % tc.checkpoint_every):
         ckpt.save(step, _app_state(dmp, optimizer), {"step": step, "samples": samples_seen, "world_size": world})
+    caches = cache_statistics(dmp)  # this rank's shards (a host sync per cache, once)
     if rank != 0:
         return None
     summary: dict[str, Any] = {
@@ -593,6 +595,8 @@ def _run(
     }
     if comm_policies:
         summary["comm_codec_stats"] = {p.name: _comm_stats(p) for p in comm_policies}
+    if caches:
+        summary["cache_statistics_rank0"] = caches
     if tc.test_with_val and "best_val" in selection:
         summary["best_val_step"] = selection["best_step"]
         summary["best_val_auc"] = round(selection["best_val"]["auc"], 6)
@@ -627,5 +631,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         )
     if "test_oracle_auc" in summary:
         lines.append(f"test AUC of the planted logits (ceiling): {summary['test_oracle_auc']:.4f}")
+    for name, st in summary.get("cache_statistics_rank0", {}).items():
+        lines.append(
+            f"cache {name} (rank 0): hit rate {st['hit_rate']:.3f} over {int(st['lookups']):,} lookups, "
+            f"{int(st['populates'])} populates, {int(st['evictions']):,} evictions"
+        )
     lines.append(f"wall time {summary['wall_s']} s")
     return "\n".join(lines)
