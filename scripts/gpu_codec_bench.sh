@@ -46,31 +46,19 @@ codecs=${CODECS:-none fp16 bf16 eb8 eb4 eb_adaptive eb8+compile}
 device=${DEVICE:-cuda}
 status=0
 
-# 0. offline setup (torchrec + fbgemm-gpu-cpu, training extras) and the CUDA build
+# 0. offline setup (torchrec + fbgemm-gpu-cpu + training extras: gpu_setup.sh) and the CUDA build
 wheels=${WHEELS:-$root/.whl}
 if [ "${SKIP_SETUP:-0}" != 1 ] && [ -d "$wheels" ]; then
   stamp "setup from $wheels"
   bash scripts/gpu_setup.sh "$wheels" /tmp/site || { stamp "gpu_setup.sh failed"; exit 1; }
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  shopt -s nullglob
-  extras=()
-  for pat in "pyyaml-*.whl" "PyYAML-*.whl" "tqdm-*.whl" "torchmetrics-*.whl" "lightning_utilities-*.whl" "packaging-*.whl"; do
-    for w in "$wheels"/$pat; do extras+=("$w"); done
-  done
-  if [ ${#extras[@]} -gt 0 ]; then
-    "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${extras[@]}" || exit 1
-  fi
 fi
 export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 "$py" -c "import yaml, torchmetrics, torchrec" || { stamp "missing modules (torchrec / pyyaml / torchmetrics)"; exit 1; }
 "$py" -c 'import torch, torchrec; print("torch", torch.__version__, "torchrec", torchrec.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "x", torch.cuda.device_count())'
 if [ "$device" = cuda ] && [ "${SKIP_BUILD:-0}" != 1 ] && [[ " $stages " == *" e2e "* || " $stages " == *" auc "* ]]; then
   stamp "build (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0})"
-  cxx=${TORCHREC_TT_CXX:-}
-  if [ -z "$cxx" ] && [ -x /usr/bin/g++ ]; then cxx=/usr/bin/g++; fi
-  if [ -n "$cxx" ]; then export CXX=$cxx CC=${cxx%++}cc LDSHARED="$cxx -shared" NVCC_CCBIN=$cxx; fi
-  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)} \
-    "$py" setup.py build_ext --inplace >"$out/build.log" 2>&1 || { stamp "build failed (see build.log): reference kernels"; }
+  PYTHON=$py bash scripts/gpu_build.sh "$out/build.log" || { stamp "build failed (see build.log): reference kernels"; }
 fi
 "$py" -c 'import torchrec_tt as t; print("HAS_CUDA_KERNELS", t.HAS_CUDA_KERNELS)'
 run_dist() { "$py" -m torch.distributed.run --standalone --nproc_per_node "$nproc" "$@"; }

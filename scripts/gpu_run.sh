@@ -41,23 +41,10 @@ export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader || true
 "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
 
-# 2. build (sm_90 by default); in place, so the checkout imports torchrec_tt._C.
-# One C++ compiler for every object, the one whose libstdc++ the process loads at run
-# time: seen 2026-11-22 on the GPU image, Python's sysconfig/CXX compiler
-# /opt/gcc/bin/g++ (newer libstdc++ headers) built the .cpp files while nvcc used
-# /usr/bin/g++ 13; the .so then held std::ostream code of the wrong libstdc++ and any
-# `ostream << long` in it (every error message, shape formatting) segfaulted.
-# TORCHREC_TT_CXX=/path/to/g++ picks another compiler.
-cxx=${TORCHREC_TT_CXX:-}
-if [ -z "$cxx" ] && [ -x /usr/bin/g++ ]; then cxx=/usr/bin/g++; fi
-if [ -n "$cxx" ]; then
-  export CXX=$cxx CC=${cxx%++}cc LDSHARED="$cxx -shared" NVCC_CCBIN=$cxx
-  [ -x "$CC" ] || CC=$(dirname "$cxx")/gcc
-fi
-stamp "build (CXX=${CXX:-default}: $(${CXX:-g++} -dumpfullversion 2>/dev/null), NVCC_CCBIN=${NVCC_CCBIN:-default})"
+# 2. build (sm_90 by default; one compiler for every object: scripts/gpu_build.sh)
+stamp "build"
 t0=$(date +%s)
-if TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)} \
-    "$py" setup.py build_ext --inplace >"$out/build.log" 2>&1; then
+if PYTHON=$py bash scripts/gpu_build.sh "$out/build.log"; then
   status+=("build: ok ($(( $(date +%s) - t0 )) s)")
 else
   status+=("build: FAILED (see build.log)")

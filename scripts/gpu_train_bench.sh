@@ -8,8 +8,8 @@
 #
 # Environment:
 #   OUT          results folder (default benchmarks/results/latest)
-#   WHEELS       carried wheels (default .whl): scripts/gpu_setup.sh's set plus pyyaml, tqdm,
-#                torchmetrics 1.0.3, lightning-utilities, packaging; SKIP_SETUP=1 to skip
+#   WHEELS       carried wheels (default .whl): scripts/gpu_setup.sh's set, including its training
+#                extras (pyyaml, tqdm, torchmetrics 1.0.3, lightning-utilities, packaging); SKIP_SETUP=1 to skip
 #   SKIP_BUILD=1 do not (re)build the CUDA extension
 #   STEPS        training steps per run (default 300; the first log window, 50 steps, is warm-up
 #                and excluded from samples/s)
@@ -37,14 +37,6 @@ if [ "${SKIP_SETUP:-0}" != 1 ] && [ -d "$wheels" ]; then
   stamp "setup from $wheels"
   bash scripts/gpu_setup.sh "$wheels" /tmp/site || { stamp "gpu_setup.sh failed"; exit 1; }
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  shopt -s nullglob
-  extras=()
-  for pat in "pyyaml-*.whl" "PyYAML-*.whl" "tqdm-*.whl" "torchmetrics-*.whl" "lightning_utilities-*.whl" "packaging-*.whl"; do
-    for w in "$wheels"/$pat; do extras+=("$w"); done
-  done
-  if [ ${#extras[@]} -gt 0 ]; then
-    "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${extras[@]}" || exit 1
-  fi
 fi
 export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 "$py" -c "import yaml, numpy, torchmetrics, torchrec" || {
@@ -55,8 +47,7 @@ ngpu=$("$py" -c "import torch; print(torch.cuda.device_count())")
 # 2. build the CUDA kernels in place
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   stamp "build (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0})"
-  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)} \
-    "$py" setup.py build_ext --inplace >"$out/train_bench_build.log" 2>&1 || { tail -30 "$out/train_bench_build.log"; exit 1; }
+  PYTHON=$py bash scripts/gpu_build.sh "$out/train_bench_build.log" || { tail -30 "$out/train_bench_build.log"; exit 1; }
 fi
 "$py" -c 'import torchrec_tt as t; print("HAS_CUDA_KERNELS", t.HAS_CUDA_KERNELS)'
 
