@@ -451,8 +451,6 @@ enum FinalMode : int { kWriteGrad = 0, kSGD = 1, kAdagrad = 2, kRowwiseAdagrad =
 template <typename scalar_t, typename acc_t>
 struct ReduceArgs {
   int S, rk, nk, Q;
-  int has_T;                // sum of T_{k-1}^T dT_k (else a plain sum of dT rows of S)
-  int fast_T;               // has_T with r_k = 32, n_k = 128, float: register-tiled (reduce_t_32x128)
   const int32_t* count;     // device count of items
   const int32_t* digits;    // digit per sorted item
   const int32_t* perm;      // sorted position -> item (null: identity)
@@ -863,9 +861,7 @@ class Arena {
  public:
   template <typename T>
   void add(T** ptr, int64_t n) {
-    bytes_ = (bytes_ + 255) / 256 * 256;
-    slots_.emplace_back(reinterpret_cast<void**>(ptr), bytes_);
-    bytes_ += static_cast<size_t>(std::max<int64_t>(n, 0)) * sizeof(T);
+    add_bytes(reinterpret_cast<void**>(ptr), static_cast<size_t>(std::max<int64_t>(n, 0)) * sizeof(T));
   }
   void add_bytes(void** ptr, size_t n) {
     bytes_ = (bytes_ + 255) / 256 * 256;
@@ -1505,9 +1501,13 @@ void run_backward(
   size_t tail_bytes = 0;
   int tail_blocks = 0;
   for (int k = 0; k < d; ++k) {
+    // middle cores sum T_{k-1}^T dT_k (register-tiled for r_k = 32, n_k = 128 in float),
+    // the first and last a plain sum of their S-element rows
+    const bool has_T = k >= 1 && k < L;
+    const int kind = !has_T ? kPlainSum
+        : std::is_same_v<acc_t, float> && t.r[k] == 32 && t.n[k] == 128 ? kFastT
+                                                                         : kGemmT;
     ReduceArgs<scalar_t, acc_t> r{};
-    r.has_T = (k >= 1 && k < L) ? 1 : 0;
-    r.fast_T = r.has_T && std::is_same_v<acc_t, float> && t.r[k] == 32 && t.n[k] == 128 ? 1 : 0;
     r.Q = t.Q[k];
     r.rk = t.r[k];
     r.nk = t.n[k];
@@ -1515,7 +1515,7 @@ void run_backward(
     r.count = bt.counts + (k == L ? 1 : 0);
     r.digits = sorted_keys[k];
     r.perm = perms[k];
-    r.tbuf = r.has_T ? tbuf[k] : nullptr;
+    r.tbuf = has_T ? tbuf[k] : nullptr;
     r.dtbuf = k == L ? xbuf : dtbuf[k];
     r.pf = pf[k];
     r.pl = pl[k];
@@ -1528,15 +1528,14 @@ void run_backward(
     r.eps = static_cast<acc_t>(eps);
     SmemPlan sp;
     r.sm_acc = sp.take(t.S[k]);
-    if (r.has_T) {
+    if (has_T) {
       r.sm_ts = sp.take(int64_t{kNI} * t.Q[k] * t.r[k]);
       r.sm_dts = sp.take(int64_t{kNI} * t.Q[k] * t.n[k]);
-      if (!r.fast_T) r.sm_scratch = sp.take(kGemmScratch);
+      if (kind == kGemmT) r.sm_scratch = sp.take(kGemmScratch);
     }
     r.sm_red = sp.take(kThreads + 4);
     const int64_t nb = ceil_div(nkeys[k], kReduceChunk);
     TORCH_CHECK(tail_blocks + nb < INT_MAX, op, ": too many reduction blocks");
-    const int kind = r.fast_T ? kFastT : r.has_T ? kGemmT : kPlainSum;
     ReduceLaunch<scalar_t, acc_t>& kl = kind_launch[kind];
     kl.r[kl.ncores] = r;
     kl.block0[kl.ncores + 1] = kl.block0[kl.ncores] + static_cast<int>(nb);

@@ -576,7 +576,6 @@ def _run(
         _write_eval(metrics, "test", step, epoch_of(step), eval_results["test"], t_start)
     if tc.checkpoint_at_end and (not tc.checkpoint_every or step % tc.checkpoint_every):
         ckpt.save(step, _app_state(dmp, optimizer), {"step": step, "samples": samples_seen, "world_size": world})
-    caches = cache_statistics(dmp)  # this rank's shards (a host sync per cache, once)
     if rank != 0:
         return None
     summary: dict[str, Any] = {
@@ -595,6 +594,7 @@ def _run(
     }
     if comm_policies:
         summary["comm_codec_stats"] = {p.name: _comm_stats(p) for p in comm_policies}
+    caches = cache_statistics(dmp)  # rank 0's shards (a host sync per cache, once)
     if caches:
         summary["cache_statistics_rank0"] = caches
     if tc.test_with_val and "best_val" in selection:
