@@ -22,13 +22,6 @@ from torchrec_tt.modules.tt_cache import EMPTY_ID, TTRowCache, fit_tt_rows_
 N, D = 60, 6
 
 
-@pytest.fixture(params=["exact_sizes", "sync_free"])
-def split_mode(request, monkeypatch):
-    """Run a test with exact-size hit/miss parts (default) and with the padded, sync-free parts."""
-    monkeypatch.setattr(TTRowCache, "sync_free", request.param == "sync_free")
-    return request.param
-
-
 def _make(cache_size=5, **kw):
     kw.setdefault("dtype", torch.float64)
     kw.setdefault("sparse", True)
@@ -66,7 +59,7 @@ def _batch(gen, hot=(3, 7, 11, 19), num_bags=5, max_len=6):
 # ----------------------------------------------------------------------------- forward
 @pytest.mark.parametrize("mode", ["sum", "mean"])
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
-def test_cached_forward_equals_dense_oracle_with_cached_rows_overlaid(mode, index_dtype, split_mode):
+def test_cached_forward_equals_dense_oracle_with_cached_rows_overlaid(mode, index_dtype):
     emb = _make(mode=mode)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
@@ -119,7 +112,7 @@ def _oracle_step(optimizer, lr, eps, params, opt, row_state):
 
 @pytest.mark.parametrize("optimizer", [OptimType.EXACT_SGD, OptimType.EXACT_ADAGRAD, OptimType.EXACT_ROWWISE_ADAGRAD])
 @pytest.mark.parametrize("mode", ["sum", "mean"])
-def test_training_with_cache_equals_dense_oracle_and_lfu(optimizer, mode, split_mode):
+def test_training_with_cache_equals_dense_oracle_and_lfu(optimizer, mode):
     """Several steps with two populates (discard policy so the oracle can mirror evictions exactly)."""
     lr, eps, size = 0.2, 1e-6, 4
     emb = _make(cache_size=size, optimizer=optimizer, learning_rate=lr, eps=eps, mode=mode, cache_eviction_policy="discard")
@@ -174,7 +167,7 @@ def test_training_with_cache_equals_dense_oracle_and_lfu(optimizer, mode, split_
     assert emb.cache_stats()["hits"] > 0
 
 
-def test_per_sample_weight_gradients_with_cache(split_mode):
+def test_per_sample_weight_gradients_with_cache():
     emb = _make(mode="mean")
     gen = torch.Generator().manual_seed(2)
     ids, offsets, _ = _batch(gen)
@@ -278,7 +271,7 @@ def test_full_hash_table_counts_what_fits_and_drops_the_rest():
     assert torch.all(cache.hash_counts[cache.hash_keys != EMPTY_ID] == 2)
 
 
-def test_counting_matches_a_counter_and_statistics(split_mode):
+def test_counting_matches_a_counter_and_statistics():
     emb = _make(cache_size=3, hashtbl_size=512)
     counter: Counter = Counter()
     gen = torch.Generator().manual_seed(5)
@@ -386,9 +379,8 @@ def test_record_op_passes_opcheck():
 
 def test_row_cache_with_no_optimizer_refuses_training():
     cache = TTRowCache(cache_size=1, embedding_dim=2, optimizer=None)
-    split, _ = cache.split(torch.tensor([0]), torch.tensor([0, 1]), None, False, 3)
     with pytest.raises(RuntimeError, match="no fused optimizer"):
-        cache.apply_update(torch.ones(1, 2), split, 0.1, 0.0)
+        cache.update_hits_(torch.ones(1, 2), torch.tensor([0]), torch.tensor([0, 1]), None, 0, 0.1, 0.0)
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -446,8 +438,7 @@ def test_cuda_cache_matches_cpu_and_is_deterministic(optimizer):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_cached_training_step_never_syncs_with_the_host(monkeypatch):
-    monkeypatch.setattr(TTRowCache, "sync_free", True)
+def test_cuda_cached_training_step_never_syncs_with_the_host():
     emb = TTEmbeddingBag(
         5000, 16, [10, 20, 25], [2, 4, 2], [8, 8], sparse=True, optimizer=OptimType.EXACT_ADAGRAD,
         use_cache=True, cache_size=64, device="cuda",
@@ -465,3 +456,104 @@ def test_cuda_cached_training_step_never_syncs_with_the_host(monkeypatch):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert emb.cache_stats()["hits"] > 0
+
+
+# ----------------------------------------------------------------------------- the cached ops
+def _op_case():
+    cores = [torch.randn(5, 1 * 3 * 3, dtype=torch.float64), torch.randn(4, 3 * 1 * 2, dtype=torch.float64),
+             torch.randn(3, 2 * 2 * 1, dtype=torch.float64)]
+    shape = ([5, 4, 3], [3, 1, 2], [1, 3, 2, 1], N)
+    ids, offsets = torch.tensor([3, 7, 7, 50, 3, 11]), torch.tensor([0, 2, 2, 6])
+    cache_ids, cache_weight = torch.tensor([3, 11, EMPTY_ID]), torch.randn(3, D, dtype=torch.float64)
+    return cores, shape, ids, offsets, cache_ids, cache_weight
+
+
+def _counters(slots=16):
+    """(hash_keys, hash_counts, stats) of an empty frequency table."""
+    return torch.full((slots,), EMPTY_ID), torch.zeros(slots, dtype=torch.long), torch.zeros(6, dtype=torch.long)
+
+
+def test_cached_ops_pass_opcheck():
+    cores, shape, ids, offsets, cache_ids, cache_weight = _op_case()
+    w = torch.rand(ids.numel(), dtype=torch.float64)
+    for count in (False, True):
+        torch.library.opcheck(
+            torch.ops.torchrec_tt.tt_cached_embedding_bag_forward.default,
+            (cores, cache_ids, cache_weight, *_counters(), ids, offsets, w, *shape, 1, 4, count),
+        )
+    states = [torch.rand(c.shape[0], dtype=torch.float64) for c in cores]
+    torch.library.opcheck(
+        torch.ops.torchrec_tt.tt_cached_embedding_bag_backward_fused_.default,
+        (torch.randn(3, D, dtype=torch.float64), [c.clone() for c in cores], states, cache_ids, cache_weight.clone(),
+         [torch.rand(3, dtype=torch.float64)], ids, offsets, w, *shape, 1, 2, 0.1, 1e-8),
+    )
+
+
+def test_cached_forward_op_against_dense_oracle():
+    from torchrec_tt.ops import tt_cached_embedding_bag
+
+    cores, shape, ids, offsets, cache_ids, cache_weight = _op_case()
+    table = dense_table(cores, *shape)
+    table[3], table[11] = cache_weight[0], cache_weight[1]
+    w = torch.rand(ids.numel(), dtype=torch.float64)
+    keys, counts, stats = _counters()
+    for step in (1, 2):
+        out = tt_cached_embedding_bag(
+            cores, cache_ids, cache_weight, keys, counts, stats, ids, offsets, w, *shape, 1, count=True
+        )
+        torch.testing.assert_close(out, pooled(table, ids, offsets, w, 1))
+        # lookups 6; hits 3, 3, 11; TT ids 7, 50; nothing evicted or dropped, no populate
+        assert stats.tolist() == [6 * step, 3 * step, 2 * step, 0, 0, 0]
+        stored = {k: c for k, c in zip(keys.tolist(), counts.tolist(), strict=True) if k != EMPTY_ID}
+        assert stored == {3: 2 * step, 7: 2 * step, 50: step, 11: step}
+    tt_cached_embedding_bag(cores, cache_ids, cache_weight, keys, counts, stats, ids, offsets, w, *shape, 1, count=False)
+    assert stats.tolist() == [18, 9, 6, 0, 0, 0] and int(counts.sum()) == 12  # an eval lookup counts no access
+
+
+def test_cached_forward_op_counts_what_a_full_hash_table_drops():
+    from torchrec_tt.ops import tt_cached_embedding_bag
+
+    cores, shape, ids, offsets, cache_ids, cache_weight = _op_case()
+    keys, counts, stats = _counters(slots=1)  # one slot, one probe: the first id to claim it is counted
+    tt_cached_embedding_bag(cores, cache_ids, cache_weight, keys, counts, stats, ids, offsets, None, *shape, 0, 1, True)
+    kept = int(keys[0])
+    assert int(counts[0]) == int((ids == kept).sum())
+    assert int(stats[4]) == ids.numel() - int(counts[0])  # every other occurrence counted as dropped
+
+
+def test_cached_forward_op_rejects_bad_counters():
+    from torchrec_tt.ops import tt_cached_embedding_bag
+
+    cores, shape, ids, offsets, cache_ids, cache_weight = _op_case()
+    keys, counts, _ = _counters()
+    with pytest.raises(ValueError, match="stats must be a 1-D int64 tensor of >= 5"):
+        tt_cached_embedding_bag(
+            cores, cache_ids, cache_weight, keys, counts, torch.zeros(2, dtype=torch.long), ids, offsets, None, *shape
+        )
+    with pytest.raises(ValueError, match="hash_keys and hash_counts"):
+        tt_cached_embedding_bag(cores, cache_ids, cache_weight, keys, counts[:3], _counters()[2], ids, offsets, None, *shape)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda c: (c[0].flip(0), c[1]), "sorted"),
+        (lambda c: (c[0], c[1][:, :4]), r"cache_weight must be \(3, 6\)"),
+        (lambda c: (c[0].int(), c[1]), "int64"),
+        (lambda c: (c[0], c[1].float()), "must match the cores"),
+    ],
+    ids=["unsorted", "shape", "dtype", "weight-dtype"],
+)
+def test_cached_ops_reject_a_bad_cache(change, match):
+    from torchrec_tt.ops import tt_cached_embedding_bag, tt_cached_embedding_bag_backward_fused_
+
+    cores, shape, ids, offsets, cache_ids, cache_weight = _op_case()
+    bad_ids, bad_weight = change((cache_ids, cache_weight))
+    with pytest.raises(ValueError, match=match):
+        tt_cached_embedding_bag(cores, bad_ids, bad_weight, *_counters(), ids, offsets, None, *shape, 0)
+    before = [c.clone() for c in cores]
+    with pytest.raises(ValueError, match=match):
+        tt_cached_embedding_bag_backward_fused_(
+            torch.ones(3, D, dtype=torch.float64), cores, [], bad_ids, bad_weight, [], ids, offsets, None, *shape, 0, 0, 0.1, 0.0
+        )
+    assert all(torch.equal(a, b) for a, b in zip(cores, before, strict=True))  # nothing half-applied

@@ -1,13 +1,9 @@
 // CUDA kernel of torchrec_tt::lfu_cache_record_ (the access counting of the LFU row
 // cache, torchrec_tt/modules/tt_cache.py; reference: torchrec_tt/ops/reference.py).
 //
-// One thread per id: linear probing from the home slot ((id mod H) * 2654435761) mod H
-// over at most max_probes slots. A slot's key only ever changes from EMPTY to an id,
-// so a non-empty key read once is final; an empty one is claimed with atomicCAS
-// (the loser sees the winner's id and goes on unless it is its own). Counts are
-// integer atomics, so the count of every stored id is exact; which id wins a
-// contested slot is up to the hardware. Ids whose probed slots all hold other ids
-// are counted in `dropped`. No host synchronisation.
+// One thread per id, equal ids of a warp merged first (the lowest lane counts them all:
+// hot ids under skewed traffic would otherwise contend for one counter); the probing is
+// cuda_detail::lfu_count (tt_cuda_common.cuh). No host synchronisation.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -17,12 +13,12 @@
 
 #include <limits>
 
+#include "tt_cuda_common.cuh"
+
 namespace torchrec_tt {
 namespace {
 
 using u64 = unsigned long long;
-constexpr int64_t kEmptyKey = std::numeric_limits<int64_t>::max();
-constexpr int64_t kHashMultiplier = 2654435761LL;
 
 template <typename index_t>
 __global__ void lfu_record_kernel(
@@ -36,26 +32,10 @@ __global__ void lfu_record_kernel(
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < num_ids; i += stride) {
     const int64_t id = static_cast<int64_t>(ids[i]);
-    const int64_t reduced = ((id % size) + size) % size;  // as torch's remainder for size > 0
-    const int64_t home = reduced * kHashMultiplier % size;  // < 2^31 * 2^32: no overflow
-    bool counted = false;
-    for (int64_t probe = 0; probe < max_probes && !counted; ++probe) {
-      const int64_t slot = (home + probe) % size;
-      u64 key = keys[slot];
-      if (key == static_cast<u64>(kEmptyKey)) {
-        key = atomicCAS(&keys[slot], static_cast<u64>(kEmptyKey), static_cast<u64>(id));
-        if (key == static_cast<u64>(kEmptyKey)) {
-          key = static_cast<u64>(id);  // claimed
-        }
-      }
-      if (key == static_cast<u64>(id)) {
-        atomicAdd(&counts[slot], 1ULL);
-        counted = true;
-      }
-    }
-    if (!counted) {
-      atomicAdd(dropped, 1ULL);
-    }
+    const unsigned peers = __match_any_sync(__activemask(), static_cast<u64>(id));
+    if (static_cast<int>(threadIdx.x & 31) != __ffs(peers) - 1) continue;
+    const u64 mult = static_cast<u64>(__popc(peers));
+    if (!cuda_detail::lfu_count(keys, counts, size, max_probes, id, mult)) atomicAdd(dropped, mult);
   }
 }
 

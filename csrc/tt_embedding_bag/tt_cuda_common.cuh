@@ -72,6 +72,43 @@ __device__ __forceinline__ int prefix_digit(uint64_t pre, int k, const TTDims& t
   return static_cast<int>((pre / static_cast<uint64_t>(t.kw[k])) % static_cast<uint64_t>(t.p[k]));
 }
 
+// The row id of a sort key (inverse of row_key).
+__device__ __forceinline__ int64_t row_of_key(uint64_t key, const TTDims& t) {
+  const uint64_t pl = static_cast<uint64_t>(t.p[t.d - 1]);
+  const uint64_t pre = key / pl;
+  int64_t id = static_cast<int64_t>(key % pl);
+  for (int k = 0; k < t.d - 1; ++k) id += static_cast<int64_t>(prefix_digit(pre, k, t)) * t.pst[k];
+  return id;
+}
+
+// LFU access counting (torchrec_tt::lfu_cache_record_, reference in torchrec_tt/ops/reference.py):
+// `mult` accesses of `id` in an open-addressing table of `size` slots, linear probing from
+// the home slot ((id mod H) * 2654435761) mod H over at most `max_probes` slots. A slot's key
+// only changes from EMPTY to an id, so a non-empty key read once is final; an empty one is
+// claimed with atomicCAS. Counts are integer atomics: exact for every stored id (which of
+// two contesting ids gets a slot is up to the hardware). Returns false when every probed
+// slot holds another id (the accesses are not counted).
+__device__ __forceinline__ bool lfu_count(
+    unsigned long long* keys, unsigned long long* counts, int64_t size, int64_t max_probes, int64_t id,
+    unsigned long long mult) {
+  constexpr unsigned long long kEmpty = 0x7fffffffffffffffULL;
+  const int64_t reduced = ((id % size) + size) % size;  // as torch's remainder for size > 0
+  const int64_t home = reduced * 2654435761LL % size;    // < 2^31 * 2^32: no overflow
+  for (int64_t probe = 0; probe < max_probes; ++probe) {
+    const int64_t slot = (home + probe) % size;
+    unsigned long long key = keys[slot];
+    if (key == kEmpty) {
+      key = atomicCAS(&keys[slot], kEmpty, static_cast<unsigned long long>(id));
+      if (key == kEmpty) key = static_cast<unsigned long long>(id);  // claimed
+    }
+    if (key == static_cast<unsigned long long>(id)) {
+      atomicAdd(&counts[slot], mult);
+      return true;
+    }
+  }
+  return false;
+}
+
 template <typename T>
 __device__ __forceinline__ T ld_cvt(const T* p) {
   return *p;

@@ -76,11 +76,18 @@ constexpr int kNI = 8;
 constexpr int kReduceChunk = 32;
 // Items per block of the item kernels.
 constexpr int kItemsPerBlock = 4;
+// Device counts of a sorted batch (Batch::counts): TT items, TT unique rows, all unique
+// rows (cache hit rows follow the TT ones), hit rows (set by the backward), distinct
+// TT ids, hit positions.
+enum BatchCount : int { kItems = 0, kTTRows = 1, kRows = 2, kHitRows = 3, kMissIds = 4, kHits = 5, kNumCounts = 6 };
 
 // ------------------------------------------------------------------ kernels
 
+// Item and unique-row heads of sorted position i. Keys >= hit_base are cache hits
+// (hit_base + slot, sorted after every TT key): they start no item, and their unique
+// rows (runs of one slot, split every kItemChunk positions) follow the TT ones.
 __device__ __forceinline__ void heads_at(
-    const uint64_t* __restrict__ skeys, int64_t i, uint64_t pl, bool& item_head, bool& urow_head) {
+    const uint64_t* __restrict__ skeys, int64_t i, uint64_t pl, uint64_t hit_base, bool& item_head, bool& urow_head) {
   const uint64_t key = skeys[i];
   item_head = (i == 0) || (i % kItemChunk == 0);
   urow_head = item_head;
@@ -89,6 +96,7 @@ __device__ __forceinline__ void heads_at(
     item_head = item_head || (prev / pl != key / pl);
     urow_head = item_head || prev != key;
   }
+  if (key >= hit_base) item_head = false;
 }
 
 template <typename index_t>
@@ -98,6 +106,9 @@ __global__ void tt_prep_kernel(
     const int64_t* __restrict__ offsets,
     int64_t num_bags,
     const TTDims t,
+    const int64_t* __restrict__ cache_ids,  // sorted cached ids (null: no cache)
+    int64_t cache_size,
+    uint64_t hit_base,
     uint64_t* __restrict__ keys,
     int32_t* __restrict__ vals,
     int32_t* __restrict__ bag_of) {
@@ -106,7 +117,20 @@ __global__ void tt_prep_kernel(
     const int64_t id = static_cast<int64_t>(indices[i]);
     CUDA_KERNEL_ASSERT_MSG(
         id >= 0 && id < t.num_embeddings, "torchrec_tt: an index is out of range [0, num_embeddings)");
-    keys[i] = row_key(id, t);
+    uint64_t key = row_key(id, t);
+    if (cache_ids != nullptr) {  // a cached id sorts after every TT key, grouped by its slot
+      int64_t lo = 0, hi = cache_size;
+      while (lo < hi) {
+        const int64_t mid = (lo + hi) >> 1;
+        if (cache_ids[mid] < id) {
+          lo = mid + 1;
+        } else {
+          hi = mid;
+        }
+      }
+      if (lo < cache_size && cache_ids[lo] == id) key = hit_base + static_cast<uint64_t>(lo);
+    }
+    keys[i] = key;
     vals[i] = static_cast<int32_t>(i);
     if (bag_of != nullptr) {
       // The bag of position i: the last b with offsets[b] <= i (empty bags skipped).
@@ -136,11 +160,20 @@ __global__ void tt_prep_kernel(
   }
 }
 
-__global__ void tt_flags_kernel(const uint64_t* __restrict__ skeys, int64_t nnz, uint64_t pl, int64_t* __restrict__ flags) {
+__global__ void tt_flags_kernel(
+    const uint64_t* __restrict__ skeys, int64_t nnz, uint64_t pl, uint64_t hit_base, int64_t* __restrict__ flags,
+    int32_t* __restrict__ counts) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i == 0) {  // the counts the index kernel may leave unwritten (no TT id, no hit) or accumulates
+    counts[kItems] = 0;
+    counts[kTTRows] = 0;
+    counts[kHitRows] = 0;
+    counts[kMissIds] = 0;
+    counts[kHits] = 0;
+  }
   if (i >= nnz) return;
   bool ih, uh;
-  heads_at(skeys, i, pl, ih, uh);
+  heads_at(skeys, i, pl, hit_base, ih, uh);
   flags[i] = (static_cast<int64_t>(ih) << 32) | static_cast<int64_t>(uh);
 }
 
@@ -151,10 +184,11 @@ struct IndexArgs {
   const int64_t* scan;
   int64_t nnz;
   uint64_t pl;
+  uint64_t hit_base;
   int32_t* item_start;  // [max_items + 1]
   int32_t* item_urow;   // [max_items + 1]
   int32_t* urow_start;  // [max_urows + 1]
-  int32_t* counts;      // [2]: items, urows
+  int32_t* counts;      // [kNumCounts], partly zeroed by tt_flags_kernel
   int32_t* posmap;      // [nnz] input position -> urow (or null)
   // backward: bag and scale of every sorted position (or null)
   const int32_t* bag_of;  // bag of every input position
@@ -175,27 +209,45 @@ __global__ void tt_index_kernel(const IndexArgs<acc_t> a) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= a.nnz) return;
   bool ih, uh;
-  heads_at(a.skeys, i, a.pl, ih, uh);
+  heads_at(a.skeys, i, a.pl, a.hit_base, ih, uh);
   const int64_t sc = a.scan[i];
   const int32_t item = static_cast<int32_t>(sc >> 32) - 1;
   const int32_t urow = static_cast<int32_t>(sc & 0xffffffffLL) - 1;
+  const uint64_t key = a.skeys[i];
+  const bool hit = key >= a.hit_base;
   if (ih) {
     a.item_start[item] = static_cast<int32_t>(i);
     a.item_urow[item] = urow;
-    const uint64_t pre = a.skeys[i] / a.pl;
+    const uint64_t pre = key / a.pl;
     for (int k = 0; k < a.t.d - 1; ++k) a.item_dig[k][item] = prefix_digit(pre, k, a.t);
   }
   if (uh) {
     a.urow_start[urow] = static_cast<int32_t>(i);
-    a.urow_dig[urow] = static_cast<int32_t>(a.skeys[i] % a.pl);
+    a.urow_dig[urow] = static_cast<int32_t>(hit ? key - a.hit_base : key % a.pl);  // cache slot of a hit
+  }
+  const bool next_hit = i + 1 < a.nnz && a.skeys[i + 1] >= a.hit_base;
+  if (!hit && (i == a.nnz - 1 || next_hit)) {  // the last TT position ends the TT items and rows
+    a.counts[kItems] = item + 1;
+    a.counts[kTTRows] = urow + 1;
+    a.item_start[item + 1] = static_cast<int32_t>(i + 1);
+    a.item_urow[item + 1] = urow + 1;
+    a.urow_start[urow + 1] = static_cast<int32_t>(i + 1);
+  }
+  if (hit && (i == 0 || a.skeys[i - 1] < a.hit_base)) {  // the first hit (zero-initialised counts: no TT rows)
+    if (i == 0) {
+      a.item_start[0] = 0;
+      a.item_urow[0] = 0;
+    }
+    a.counts[kHits] = static_cast<int32_t>(a.nnz - i);
   }
   if (i == a.nnz - 1) {
-    a.counts[0] = item + 1;
-    a.counts[1] = urow + 1;
-    a.item_start[item + 1] = static_cast<int32_t>(a.nnz);
-    a.item_urow[item + 1] = urow + 1;
+    a.counts[kRows] = urow + 1;
     a.urow_start[urow + 1] = static_cast<int32_t>(a.nnz);
   }
+  // distinct TT (missed) ids, one integer atomic per warp
+  const bool new_id = !hit && (i == 0 || a.skeys[i - 1] != key);
+  const unsigned ballot = __ballot_sync(__activemask(), new_id);
+  if (new_id && (threadIdx.x & 31) == static_cast<unsigned>(__ffs(ballot) - 1)) atomicAdd(&a.counts[kMissIds], __popc(ballot));
   const int32_t l = a.svals[i];
   if (a.posmap != nullptr) a.posmap[l] = urow;
   if (a.sbag != nullptr) {
@@ -204,6 +256,92 @@ __global__ void tt_index_kernel(const IndexArgs<acc_t> a) {
     if (a.mean) scale = scale * (acc_t(1) / static_cast<acc_t>(a.offsets[lo + 1] - a.offsets[lo]));
     a.sbag[i] = static_cast<int32_t>(lo);
     a.sscale[i] = scale;
+  }
+}
+
+// Rows of the cache hits: rowbuf[u] = cache_weight[slot of u] for the hit rows
+// u in [counts[kTTRows], counts[kRows]); the lookup added to the cache statistics
+// (stats[0] lookups, [1] hits, [2] distinct TT ids; one thread, no atomics).
+template <typename scalar_t, typename acc_t>
+__global__ void tt_hit_rows_kernel(
+    const int32_t* __restrict__ counts,
+    const int32_t* __restrict__ urow_dig,
+    const scalar_t* __restrict__ cache_weight,
+    int D,
+    acc_t* __restrict__ rowbuf,
+    int64_t* __restrict__ stats,
+    int64_t nnz) {
+  if (blockIdx.x == 0 && threadIdx.x == 0 && threadIdx.y == 0) {
+    stats[0] += nnz;
+    stats[1] += counts[kHits];
+    stats[2] += counts[kMissIds];
+  }
+  const int u0 = counts[kTTRows], u1 = counts[kRows];
+  for (int u = u0 + static_cast<int>(blockIdx.x * blockDim.y + threadIdx.y); u < u1; u += gridDim.x * blockDim.y) {
+    const int64_t src = static_cast<int64_t>(urow_dig[u]) * D, dst = static_cast<int64_t>(u) * D;
+    for (int e = threadIdx.x; e < D; e += blockDim.x) rowbuf[dst + e] = static_cast<acc_t>(cache_weight[src + e]);
+  }
+}
+
+// LFU access counting of a training lookup from its sorted batch: one probe per unique
+// row (a run of one id, <= kItemChunk positions) with the run's length as multiplicity;
+// ids that find no slot add their count to stats[4].
+__global__ void tt_count_kernel(
+    const int32_t* __restrict__ counts,
+    const int32_t* __restrict__ urow_start,
+    const uint64_t* __restrict__ skeys,
+    uint64_t hit_base,
+    const int64_t* __restrict__ cache_ids,
+    const TTDims t,
+    unsigned long long* __restrict__ hash_keys,
+    unsigned long long* __restrict__ hash_counts,
+    int64_t size,
+    int64_t max_probes,
+    int64_t* __restrict__ stats) {
+  const int nrows = counts[kRows];
+  for (int u = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x); u < nrows; u += gridDim.x * blockDim.x) {
+    const int p0 = urow_start[u];
+    const uint64_t key = skeys[p0];
+    const int64_t id = key >= hit_base ? cache_ids[key - hit_base] : row_of_key(key, t);
+    const unsigned long long len = static_cast<unsigned long long>(urow_start[u + 1] - p0);
+    if (size == 0 || !lfu_count(hash_keys, hash_counts, size, max_probes, id, len)) {
+      atomicAdd(reinterpret_cast<unsigned long long*>(stats + 4), len);
+    }
+  }
+}
+
+// Gradient of every hit row h (the h-th row after the TT rows): the sum, in input order,
+// of its positions' scaled output gradients -> hbuf[h], its slot -> hdig[h], their
+// number -> counts[kHitRows] (read by the reduction that trains the cached rows).
+template <typename acc_t>
+__global__ void tt_hit_grad_kernel(
+    int32_t* __restrict__ counts,
+    const int32_t* __restrict__ urow_start,
+    const int32_t* __restrict__ urow_dig,
+    const int32_t* __restrict__ sbag,
+    const acc_t* __restrict__ sscale,
+    const acc_t* __restrict__ grad_out,
+    int D,
+    acc_t* __restrict__ hbuf,
+    int32_t* __restrict__ hdig) {
+  const int u0 = counts[kTTRows], nh = counts[kRows] - u0;
+  if (blockIdx.x == 0 && threadIdx.x == 0 && threadIdx.y == 0) counts[kHitRows] = nh;
+  for (int h = static_cast<int>(blockIdx.x * blockDim.y + threadIdx.y); h < nh; h += gridDim.x * blockDim.y) {
+    const int p0 = urow_start[u0 + h], p1 = urow_start[u0 + h + 1];
+    for (int e = threadIdx.x; e < D; e += blockDim.x) {
+      acc_t s = acc_t(0);
+      int q = p0;
+      for (; q + 8 <= p1; q += 8) {  // 8 loads in flight, summed in order
+        acc_t v[8];
+#pragma unroll
+        for (int x = 0; x < 8; ++x) v[x] = sscale[q + x] * grad_out[static_cast<int64_t>(sbag[q + x]) * D + e];
+#pragma unroll
+        for (int x = 0; x < 8; ++x) s += v[x];
+      }
+      for (; q < p1; ++q) s += sscale[q] * grad_out[static_cast<int64_t>(sbag[q]) * D + e];
+      hbuf[static_cast<int64_t>(h) * D + e] = s;
+    }
+    if (threadIdx.x == 0) hdig[h] = urow_dig[u0 + h];
   }
 }
 
@@ -249,7 +387,7 @@ __global__ void __launch_bounds__(kThreads) tt_item_kernel(const ItemArgs<scalar
   const TTDims& t = a.t;
   const int tid = threadIdx.x;
   const int L = t.d - 1;
-  const int nitems = a.counts[0];
+  const int nitems = a.counts[kItems];
   const int it0 = blockIdx.x * kItemsPerBlock;
   if (it0 >= nitems) return;
   const int it1 = min(it0 + kItemsPerBlock, nitems);
@@ -437,12 +575,12 @@ __global__ void tt_digits_kernel(const DigitArgs a) {
   const uint64_t pl = static_cast<uint64_t>(t.p[L]);
   if (i < a.max_items || i < a.max_urows) a.iota[i] = static_cast<int32_t>(i);
   if (i < a.max_items && L >= 1) {
-    const bool valid = i < a.counts[0];
+    const bool valid = i < a.counts[kItems];
     const uint64_t pre = valid ? a.skeys[a.item_start[i]] / pl : 0;
     for (int k = 0; k < L; ++k) a.keys[k][i] = valid ? prefix_digit(pre, k, t) : t.p[k];
   }
   if (i < a.max_urows) {
-    a.keys[L][i] = i < a.counts[1] ? static_cast<int32_t>(a.skeys[a.urow_start[i]] % pl) : t.p[L];
+    a.keys[L][i] = i < a.counts[kTTRows] ? static_cast<int32_t>(a.skeys[a.urow_start[i]] % pl) : t.p[L];
   }
 }
 
@@ -470,8 +608,8 @@ struct ReduceArgs {
 // The reductions of every core in one launch: blocks [block0[k], block0[k+1]) serve core k.
 template <typename scalar_t, typename acc_t>
 struct ReduceLaunch {
-  ReduceArgs<scalar_t, acc_t> r[kMaxCores];
-  int block0[kMaxCores + 1];
+  ReduceArgs<scalar_t, acc_t> r[kMaxCores + 1];  // + 1: the cache of a cached op
+  int block0[kMaxCores + 2];
   int ncores;
 };
 
@@ -884,12 +1022,13 @@ class Arena {
 // Sorted view of one batch of ids (steps 1-3 of the pipeline). `ws` owns every buffer.
 struct Batch {
   int64_t nnz = 0, max_items = 0, max_urows = 0;
+  uint64_t hit_base = ~uint64_t{0};  // sort keys >= hit_base are cache hits (hit_base + slot)
   at::Tensor ws;
   uint64_t* skeys = nullptr;
   int32_t* item_start = nullptr;  // [max_items + 1]
   int32_t* item_urow = nullptr;   // [max_items + 1]
   int32_t* urow_start = nullptr;  // [max_urows + 1]
-  int32_t* counts = nullptr;      // [2]: items, unique rows
+  int32_t* counts = nullptr;      // [kNumCounts] (BatchCount)
   int32_t* posmap = nullptr;      // [nnz] input position -> unique row (forward)
   int32_t* sbag = nullptr;        // [nnz] bag of every sorted position (backward)
   void* sscale = nullptr;         // [nnz] acc_t scale of every sorted position (backward)
@@ -907,7 +1046,8 @@ Batch build_batch(
     int64_t pooling_mode,
     bool want_posmap,
     bool want_bag,
-    cudaStream_t stream) {
+    cudaStream_t stream,
+    const at::Tensor& cache_ids = at::Tensor()) {  // sorted cached ids: hits sort after the TT ids
   Batch bt;
   const int64_t nnz = indices.numel();
   const int64_t num_bags = offsets64.defined() ? offsets64.numel() - 1 : -1;
@@ -920,7 +1060,13 @@ Batch build_batch(
   bt.max_items = std::min<int64_t>(nnz, prefix_space + chunks);
   bt.max_urows = std::min<int64_t>(nnz, t.num_embeddings + chunks);
   const int n = static_cast<int>(nnz);
-  const int end_bit = bits_for(static_cast<uint64_t>(detail::saturating_prod(p_shapes) - 1));
+  const int64_t key_space = detail::saturating_prod(p_shapes);
+  const int64_t cache_size = cache_ids.defined() ? cache_ids.numel() : 0;
+  TORCH_CHECK_VALUE(
+      !cache_ids.defined() || key_space < (int64_t{1} << 62), "torchrec_tt: prod(p_shapes) is too large for a cached lookup");
+  const uint64_t hit_base = cache_ids.defined() ? static_cast<uint64_t>(key_space) : std::numeric_limits<uint64_t>::max();
+  const int end_bit = bits_for(static_cast<uint64_t>(key_space + cache_size - 1));
+  bt.hit_base = hit_base;
 
   // Scratch of steps 1-3 (freed on return) and the batch itself (kept for the backward).
   uint64_t* keys = nullptr;
@@ -949,7 +1095,8 @@ Batch build_batch(
     AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "tt_prep_cuda", [&] {
       tt_prep_kernel<index_t><<<grid_1d(m, 256), 256, 0, stream>>>(
           indices.const_data_ptr<index_t>(), nnz, offsets64.defined() ? offsets64.const_data_ptr<int64_t>() : nullptr,
-          num_bags, t, keys, vals, want_bag ? bag_of : nullptr);
+          num_bags, t, cache_size > 0 ? cache_ids.const_data_ptr<int64_t>() : nullptr, cache_size, hit_base, keys, vals,
+          want_bag ? bag_of : nullptr);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -960,7 +1107,7 @@ Batch build_batch(
   keep.add(&bt.item_start, bt.max_items + 1);
   keep.add(&bt.item_urow, bt.max_items + 1);
   keep.add(&bt.urow_start, bt.max_urows + 1);
-  keep.add(&bt.counts, 2);
+  keep.add(&bt.counts, kNumCounts);
   for (int k = 0; k < L; ++k) keep.add(&bt.item_dig[k], bt.max_items);
   keep.add(&bt.urow_dig, bt.max_urows);
   if (want_posmap) keep.add(&bt.posmap, nnz);
@@ -971,7 +1118,7 @@ Batch build_batch(
   bt.ws = keep.allocate(indices.options());
 
   C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, sort_bytes, keys, bt.skeys, vals, svals, n, 0, end_bit, stream));
-  tt_flags_kernel<<<grid_1d(nnz, 256), 256, 0, stream>>>(bt.skeys, nnz, pl, flags);
+  tt_flags_kernel<<<grid_1d(nnz, 256), 256, 0, stream>>>(bt.skeys, nnz, pl, hit_base, flags, bt.counts);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(temp, scan_bytes, flags, scan, n, stream));
 
@@ -981,6 +1128,7 @@ Batch build_batch(
   ia.scan = scan;
   ia.nnz = nnz;
   ia.pl = pl;
+  ia.hit_base = hit_base;
   ia.item_start = bt.item_start;
   ia.item_urow = bt.item_urow;
   ia.urow_start = bt.urow_start;
@@ -1018,6 +1166,8 @@ struct BatchKey {
   int64_t off_ver = -1, num_bags = 0;
   const void* w_impl = nullptr;
   int64_t w_ver = -1;
+  const void* cache_impl = nullptr;  // the cached ids the batch was split by (cached ops)
+  int64_t cache_ver = -1;
   int64_t mode = 0, num_embeddings = 0;
   std::vector<int64_t> p;
   int device = -1;
@@ -1026,7 +1176,8 @@ struct BatchKey {
   bool operator==(const BatchKey& o) const {
     return idx_impl == o.idx_impl && idx_data == o.idx_data && idx_ver == o.idx_ver && nnz == o.nnz &&
         off_impl == o.off_impl && off_data == o.off_data && off_ver == o.off_ver && num_bags == o.num_bags &&
-        w_impl == o.w_impl && w_ver == o.w_ver && mode == o.mode && num_embeddings == o.num_embeddings && p == o.p &&
+        w_impl == o.w_impl && w_ver == o.w_ver && cache_impl == o.cache_impl && cache_ver == o.cache_ver &&
+        mode == o.mode && num_embeddings == o.num_embeddings && p == o.p &&
         device == o.device && acc == o.acc && stream == o.stream;
   }
 };
@@ -1039,9 +1190,15 @@ bool batch_key(
     int64_t mode,
     int64_t num_embeddings,
     c10::IntArrayRef p,
-    at::ScalarType acc) {
+    at::ScalarType acc,
+    const at::Tensor& cache_ids = at::Tensor()) {
   const bool has_w = psw.has_value() && psw->defined();
   if (indices.is_inference() || offsets.is_inference() || (has_w && psw->is_inference())) return false;
+  if (cache_ids.defined()) {
+    if (cache_ids.is_inference()) return false;
+    k->cache_impl = cache_ids.unsafeGetTensorImpl();
+    k->cache_ver = static_cast<int64_t>(cache_ids._version());
+  }
   k->idx_impl = indices.unsafeGetTensorImpl();
   k->idx_data = indices.const_data_ptr();
   k->idx_ver = static_cast<int64_t>(indices._version());
@@ -1074,7 +1231,7 @@ struct CachedBatch {
   Batch batch;
   // The keyed tensors stay alive while cached, so no other tensor can take their
   // addresses (TensorImpl and storage) and match the key by accident.
-  at::Tensor idx, off, w;
+  at::Tensor idx, off, w, cache_ids;
 };
 
 class BatchCache {
@@ -1235,7 +1392,48 @@ at::Tensor weights_as(const std::optional<at::Tensor>& w, at::ScalarType acc) {
 
 // ------------------------------------------------------------------ ops
 
-at::Tensor tt_embedding_bag_forward_cuda(
+// The cache of a cached op: sorted int64 ids and their (C, D) rows, beside the cores.
+void check_cache(const char* op, const at::Tensor& cache_ids, const at::Tensor& cache_weight, const at::Tensor& core0, int64_t D) {
+  TORCH_CHECK_VALUE(
+      cache_ids.dim() == 1 && cache_ids.scalar_type() == at::kLong && cache_ids.numel() >= 1, op,
+      ": cache_ids must be a non-empty 1-D int64 tensor, got ", cache_ids.scalar_type(), " of shape ", cache_ids.sizes());
+  TORCH_CHECK_VALUE(
+      cache_weight.dim() == 2 && cache_weight.size(0) == cache_ids.numel() && cache_weight.size(1) == D, op,
+      ": cache_weight must be (", cache_ids.numel(), ", ", D, ") (cache_ids.numel(), embedding dim), got ",
+      cache_weight.sizes());
+  TORCH_CHECK_VALUE(
+      cache_weight.scalar_type() == core0.scalar_type(), op, ": cache_weight is ", cache_weight.scalar_type(),
+      " but the cores are ", core0.scalar_type());
+  check_device(op, "cache_ids", cache_ids, core0);
+  check_device(op, "cache_weight", cache_weight, core0);
+}
+
+// The cache of a cached lookup and what the lookup updates in place: the statistics and,
+// when `count`, the LFU access counts (see torchrec_tt.ops.tt_cached_embedding_bag).
+struct CacheLookup {
+  at::Tensor ids, weight;                    // sorted cached ids, their (C, D) rows
+  at::Tensor hash_keys, hash_counts, stats;  // int64 frequency table; int64 counters (>= 5)
+  int64_t max_probes = 1;
+  bool count = false;
+};
+
+void check_counting(const char* op, const CacheLookup& c, const at::Tensor& core0) {
+  TORCH_CHECK_VALUE(
+      c.hash_keys.scalar_type() == at::kLong && c.hash_counts.scalar_type() == at::kLong && c.hash_keys.dim() == 1 &&
+          c.hash_keys.sizes() == c.hash_counts.sizes() && c.hash_keys.is_contiguous() && c.hash_counts.is_contiguous(),
+      op, ": hash_keys and hash_counts must be contiguous 1-D int64 tensors of one shape");
+  TORCH_CHECK_VALUE(
+      c.stats.dim() == 1 && c.stats.scalar_type() == at::kLong && c.stats.numel() >= 5 && c.stats.is_contiguous(), op,
+      ": stats must be a 1-D int64 tensor of >= 5 counters, got ", c.stats.scalar_type(), " of shape ", c.stats.sizes());
+  TORCH_CHECK_VALUE(c.max_probes >= 1, op, ": max_probes must be >= 1, got ", c.max_probes);
+  check_device(op, "hash_keys", c.hash_keys, core0);
+  check_device(op, "hash_counts", c.hash_counts, core0);
+  check_device(op, "stats", c.stats, core0);
+}
+
+// Pooled lookup; with a cache, the ids found in it are served by its rows.
+at::Tensor run_forward(
+    const char* op,
     at::TensorList cores_in,
     const at::Tensor& indices_in,
     const at::Tensor& offsets_in,
@@ -1244,8 +1442,8 @@ at::Tensor tt_embedding_bag_forward_cuda(
     c10::IntArrayRef q_shapes,
     c10::IntArrayRef ranks,
     int64_t num_embeddings,
-    int64_t pooling_mode) {
-  const char* op = "torchrec_tt.tt_embedding_bag_forward";
+    int64_t pooling_mode,
+    const CacheLookup* cache = nullptr) {
   check_tt_args(op, cores_in, p_shapes, q_shapes, ranks, num_embeddings);
   check_bag_shapes(op, indices_in, offsets_in, per_sample_weights, pooling_mode);
   check_device(op, "indices", indices_in, cores_in[0]);
@@ -1256,7 +1454,14 @@ at::Tensor tt_embedding_bag_forward_cuda(
   check_sizes(op, indices_in.numel());
   const c10::cuda::CUDAGuard guard(cores_in[0].device());
   const TTDims t = make_dims(op, p_shapes, q_shapes, ranks, num_embeddings);
+  const bool cached = cache != nullptr;
+  if (cached) {
+    check_cache(op, cache->ids, cache->weight, cores_in[0], t.D);
+    check_counting(op, *cache, cores_in[0]);
+  }
   const auto cores = contiguous_all(cores_in);
+  const at::Tensor cache_ids = cached ? cache->ids.contiguous() : at::Tensor();
+  const at::Tensor cache_weight = cached ? cache->weight.contiguous() : at::Tensor();
   const at::Tensor indices = indices_in.contiguous();
   const at::Tensor offsets = offsets_in.to(at::kLong).contiguous();
   const int64_t num_bags = offsets.numel() - 1;
@@ -1265,7 +1470,7 @@ at::Tensor tt_embedding_bag_forward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cores[0].scalar_type(), "tt_forward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     const at::Tensor psw = weights_as(per_sample_weights, c10::CppTypeToScalarType<acc_t>::value);
-    const Batch bt = build_batch<acc_t>(t, p_shapes, indices, offsets, psw, pooling_mode, true, true, stream);
+    const Batch bt = build_batch<acc_t>(t, p_shapes, indices, offsets, psw, pooling_mode, true, true, stream, cache_ids);
     if (bt.nnz == 0) {
       out.zero_();
       return;
@@ -1276,15 +1481,34 @@ at::Tensor tt_embedding_bag_forward_cuda(
       CachedBatch entry;
       if (batch_key(
               &entry.key, indices_in, offsets_in, per_sample_weights, pooling_mode, num_embeddings, p_shapes,
-              c10::CppTypeToScalarType<acc_t>::value)) {
+              c10::CppTypeToScalarType<acc_t>::value, cached ? cache->ids : at::Tensor())) {
         entry.batch = bt;
         entry.idx = indices_in;
         entry.off = offsets_in;
         entry.w = per_sample_weights.has_value() ? *per_sample_weights : at::Tensor();
+        if (cached) entry.cache_ids = cache->ids;
         batch_cache().put(std::move(entry));
       }
     }
-    const at::Tensor rowbuf = compute_rows<scalar_t, acc_t>(op, t, cores, bt, stream);
+    at::Tensor rowbuf = compute_rows<scalar_t, acc_t>(op, t, cores, bt, stream);
+    if (cached) {
+      int64_t* stats = cache->stats.mutable_data_ptr<int64_t>();
+      const dim3 block = rows_block(t.D);
+      const unsigned grid = static_cast<unsigned>(std::min<int64_t>(ceil_div(bt.max_urows, block.y), 1024));
+      tt_hit_rows_kernel<scalar_t, acc_t><<<std::max(grid, 1u), block, 0, stream>>>(
+          bt.counts, bt.urow_dig, cache_weight.const_data_ptr<scalar_t>(), t.D, rowbuf.mutable_data_ptr<acc_t>(), stats,
+          bt.nnz);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (cache->count) {
+        const unsigned count_grid = static_cast<unsigned>(std::min<int64_t>(ceil_div(bt.max_urows, 256), 1024));
+        tt_count_kernel<<<std::max(count_grid, 1u), 256, 0, stream>>>(
+            bt.counts, bt.urow_start, bt.skeys, bt.hit_base, cache_ids.const_data_ptr<int64_t>(), t,
+            reinterpret_cast<unsigned long long*>(cache->hash_keys.mutable_data_ptr<int64_t>()),
+            reinterpret_cast<unsigned long long*>(cache->hash_counts.mutable_data_ptr<int64_t>()),
+            cache->hash_keys.numel(), cache->max_probes, stats);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
     if (num_bags > 0) {
       const dim3 block = rows_block(t.D);
       tt_pool_kernel<scalar_t, acc_t><<<grid_1d(num_bags, block.y), block, 0, stream>>>(
@@ -1295,6 +1519,44 @@ at::Tensor tt_embedding_bag_forward_cuda(
     }
   });
   return out;
+}
+
+at::Tensor tt_embedding_bag_forward_cuda(
+    at::TensorList cores,
+    const at::Tensor& indices,
+    const at::Tensor& offsets,
+    const std::optional<at::Tensor>& per_sample_weights,
+    c10::IntArrayRef p_shapes,
+    c10::IntArrayRef q_shapes,
+    c10::IntArrayRef ranks,
+    int64_t num_embeddings,
+    int64_t pooling_mode) {
+  return run_forward(
+      "torchrec_tt.tt_embedding_bag_forward", cores, indices, offsets, per_sample_weights, p_shapes, q_shapes, ranks,
+      num_embeddings, pooling_mode);
+}
+
+at::Tensor tt_cached_embedding_bag_forward_cuda(
+    at::TensorList cores,
+    const at::Tensor& cache_ids,
+    const at::Tensor& cache_weight,
+    at::Tensor& hash_keys,
+    at::Tensor& hash_counts,
+    at::Tensor& stats,
+    const at::Tensor& indices,
+    const at::Tensor& offsets,
+    const std::optional<at::Tensor>& per_sample_weights,
+    c10::IntArrayRef p_shapes,
+    c10::IntArrayRef q_shapes,
+    c10::IntArrayRef ranks,
+    int64_t num_embeddings,
+    int64_t pooling_mode,
+    int64_t max_probes,
+    bool count) {
+  const CacheLookup cache{cache_ids, cache_weight, hash_keys, hash_counts, stats, max_probes, count};
+  return run_forward(
+      "torchrec_tt.tt_cached_embedding_bag_forward", cores, indices, offsets, per_sample_weights, p_shapes, q_shapes,
+      ranks, num_embeddings, pooling_mode, &cache);
 }
 
 at::Tensor tt_lookup_rows_cuda(
@@ -1364,21 +1626,27 @@ void run_backward(
     double learning_rate,
     double eps,
     const std::vector<at::Tensor>& grads,
-    cudaStream_t stream) {
+    cudaStream_t stream,
+    const at::Tensor& cache_ids = at::Tensor(),      // cached op: hits train these rows
+    const at::Tensor& cache_weight = at::Tensor(),
+    const at::Tensor& cache_state = at::Tensor()) {
   using acc_t = at::acc_type<scalar_t, true>;
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   Batch bt;
   bool reused = false;
   if (batch_reuse_enabled()) {
     BatchKey key;
-    if (batch_key(&key, indices_in, offsets_in, per_sample_weights, pooling_mode, t.num_embeddings, p_shapes, acc_type)) {
+    if (batch_key(
+            &key, indices_in, offsets_in, per_sample_weights, pooling_mode, t.num_embeddings, p_shapes, acc_type,
+            cache_ids)) {
       reused = batch_cache().take(key, &bt);  // sorted by the forward of the same batch
     }
   }
   if (!reused) {
     const at::Tensor psw = weights_as(per_sample_weights, acc_type);
-    bt = build_batch<acc_t>(t, p_shapes, indices, offsets, psw, pooling_mode, false, true, stream);
+    bt = build_batch<acc_t>(t, p_shapes, indices, offsets, psw, pooling_mode, false, true, stream, cache_ids);
   }
+  const bool cached = cache_ids.defined();
   if (bt.nnz == 0) return;
   const int d = t.d, L = d - 1;
   const int device = cores[0].get_device();
@@ -1394,8 +1662,10 @@ void run_backward(
   int32_t* keys[kMaxCores] = {};
   int32_t* sorted_keys[kMaxCores] = {};
   int32_t* perms[kMaxCores] = {};
-  acc_t* pf[kMaxCores] = {};
-  acc_t* pl[kMaxCores] = {};
+  acc_t* pf[kMaxCores + 1] = {};  // [d]: the cache
+  acc_t* pl[kMaxCores + 1] = {};
+  acc_t* hbuf = nullptr;  // cached op: gradient of every hit row, and its slot
+  int32_t* hdig = nullptr;
   void* temp = nullptr;
   int64_t nkeys[kMaxCores] = {};
   size_t temp_bytes = 1;
@@ -1425,6 +1695,12 @@ void run_backward(
     const int64_t nchunks = ceil_div(nkeys[k], kReduceChunk);
     ar.add(&pf[k], nchunks * t.S[k]);
     ar.add(&pl[k], nchunks * t.S[k]);
+  }
+  if (cached) {
+    ar.add(&hbuf, bt.max_urows * int64_t{t.D});
+    ar.add(&hdig, bt.max_urows);
+    ar.add(&pf[d], ceil_div(bt.max_urows, kReduceChunk) * t.D);
+    ar.add(&pl[d], ceil_div(bt.max_urows, kReduceChunk) * t.D);
   }
   ar.add_bytes(&temp, temp_bytes);
   const at::Tensor scratch = ar.allocate(cores[0].options());
@@ -1466,6 +1742,15 @@ void run_backward(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
+  if (cached) {  // the hit rows' gradients, summed per row like the TT rows' (reduced per slot in step 6)
+    const dim3 block = rows_block(t.D);
+    const unsigned grid = static_cast<unsigned>(std::min<int64_t>(ceil_div(bt.max_urows, block.y), 1024));
+    tt_hit_grad_kernel<acc_t><<<std::max(grid, 1u), block, 0, stream>>>(
+        bt.counts, bt.urow_start, bt.urow_dig, bt.sbag, static_cast<const acc_t*>(bt.sscale), go.const_data_ptr<acc_t>(),
+        t.D, hbuf, hdig);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
   // Step 5: digits of every item per core, sorted where the item order does not group them.
   DigitArgs da{};
   da.t = t;
@@ -1500,41 +1785,53 @@ void run_backward(
   ReduceLaunch<scalar_t, acc_t> tl{};
   size_t tail_bytes = 0;
   int tail_blocks = 0;
-  for (int k = 0; k < d; ++k) {
+  const int nentries = d + (cached ? 1 : 0);
+  for (int k = 0; k < nentries; ++k) {
     // middle cores sum T_{k-1}^T dT_k (register-tiled for r_k = 32, n_k = 128 in float),
-    // the first and last a plain sum of their S-element rows
+    // the first and last a plain sum of their S-element rows; entry d (cached op) sums
+    // the hit rows' gradients per cache slot and trains the cached rows like a core
+    // of D-element slices
+    const bool is_cache = k == d;
     const bool has_T = k >= 1 && k < L;
     const int kind = !has_T ? kPlainSum
         : std::is_same_v<acc_t, float> && t.r[k] == 32 && t.n[k] == 128 ? kFastT
                                                                          : kGemmT;
+    const int S = is_cache ? t.D : t.S[k];
     ReduceArgs<scalar_t, acc_t> r{};
-    r.Q = t.Q[k];
-    r.rk = t.r[k];
-    r.nk = t.n[k];
-    r.S = t.S[k];
-    r.count = bt.counts + (k == L ? 1 : 0);
-    r.digits = sorted_keys[k];
-    r.perm = perms[k];
+    r.Q = is_cache ? 1 : t.Q[k];
+    r.rk = is_cache ? 1 : t.r[k];
+    r.nk = is_cache ? t.D : t.n[k];
+    r.S = S;
+    r.count = bt.counts + (is_cache ? kHitRows : k == L ? kTTRows : kItems);
+    r.digits = is_cache ? hdig : sorted_keys[k];
+    r.perm = is_cache ? nullptr : perms[k];
     r.tbuf = has_T ? tbuf[k] : nullptr;
-    r.dtbuf = k == L ? xbuf : dtbuf[k];
+    r.dtbuf = is_cache ? hbuf : k == L ? xbuf : dtbuf[k];
     r.pf = pf[k];
     r.pl = pl[k];
     r.mode = mode;
-    r.grad = grads.empty() ? nullptr : grads[k].mutable_data_ptr<scalar_t>();
-    r.core = mode == kWriteGrad ? nullptr : cores[k].mutable_data_ptr<scalar_t>();
-    r.state = state.empty() ? nullptr : state[k].mutable_data_ptr();
-    r.state_dtype = sdt;
+    r.grad = grads.empty() || is_cache ? nullptr : grads[k].mutable_data_ptr<scalar_t>();
+    r.core = mode == kWriteGrad ? nullptr
+        : is_cache              ? cache_weight.mutable_data_ptr<scalar_t>()
+                                : cores[k].mutable_data_ptr<scalar_t>();
+    if (is_cache) {
+      r.state = cache_state.defined() ? cache_state.mutable_data_ptr() : nullptr;
+      r.state_dtype = cache_state.defined() ? state_dtype_code(cache_state.scalar_type()) : kStateFloat;
+    } else {
+      r.state = state.empty() ? nullptr : state[k].mutable_data_ptr();
+      r.state_dtype = sdt;
+    }
     r.lr = static_cast<acc_t>(learning_rate);
     r.eps = static_cast<acc_t>(eps);
     SmemPlan sp;
-    r.sm_acc = sp.take(t.S[k]);
+    r.sm_acc = sp.take(S);
     if (has_T) {
       r.sm_ts = sp.take(int64_t{kNI} * t.Q[k] * t.r[k]);
       r.sm_dts = sp.take(int64_t{kNI} * t.Q[k] * t.n[k]);
       if (kind == kGemmT) r.sm_scratch = sp.take(kGemmScratch);
     }
     r.sm_red = sp.take(kThreads + 4);
-    const int64_t nb = ceil_div(nkeys[k], kReduceChunk);
+    const int64_t nb = ceil_div(is_cache ? bt.max_urows : nkeys[k], kReduceChunk);
     TORCH_CHECK(tail_blocks + nb < INT_MAX, op, ": too many reduction blocks");
     ReduceLaunch<scalar_t, acc_t>& kl = kind_launch[kind];
     kl.r[kl.ncores] = r;
@@ -1543,7 +1840,7 @@ void run_backward(
     kind_bytes[kind] = std::max(kind_bytes[kind], static_cast<size_t>(sp.off) * sizeof(acc_t));
     // the tail kernel needs the accumulator and the reduction scratch only
     SmemPlan tp;
-    r.sm_acc = tp.take(t.S[k]);
+    r.sm_acc = tp.take(S);
     r.sm_red = tp.take(kThreads + 4);
     tail_bytes = std::max(tail_bytes, static_cast<size_t>(tp.off) * sizeof(acc_t));
     tl.r[k] = r;
@@ -1551,7 +1848,7 @@ void run_backward(
     tail_blocks += static_cast<int>(nb);
     tl.block0[k + 1] = tail_blocks;
   }
-  tl.ncores = d;
+  tl.ncores = nentries;
   const decltype(&tt_reduce_kernel<scalar_t, acc_t, kPlainSum>) kernels[3] = {
       tt_reduce_kernel<scalar_t, acc_t, kPlainSum>, tt_reduce_kernel<scalar_t, acc_t, kGemmT>,
       tt_reduce_kernel<scalar_t, acc_t, kFastT>};
@@ -1652,7 +1949,10 @@ bool optimizer_state_ok(at::TensorList cores, at::TensorList state, int64_t opti
   return true;
 }
 
-void tt_embedding_bag_backward_fused_cuda(
+// The fused backward of both fused ops; with `cache_ids` the hits train `cache_weight`
+// (state `cache_state`: undefined for SGD) and the TT misses the cores.
+void run_backward_fused(
+    const char* op,
     const at::Tensor& grad_output,
     at::TensorList cores_in,
     at::TensorList optimizer_state,
@@ -1666,8 +1966,10 @@ void tt_embedding_bag_backward_fused_cuda(
     int64_t pooling_mode,
     int64_t optimizer,
     double learning_rate,
-    double eps) {
-  const char* op = "torchrec_tt.tt_embedding_bag_backward_fused_";
+    double eps,
+    const at::Tensor& cache_ids = at::Tensor(),
+    const at::Tensor& cache_weight = at::Tensor(),
+    const at::Tensor& cache_state = at::Tensor()) {
   BackwardPrep bp = prepare_backward(
       op, grad_output, cores_in, indices_in, offsets_in, per_sample_weights, p_shapes, q_shapes, ranks, num_embeddings,
       pooling_mode);
@@ -1685,6 +1987,23 @@ void tt_embedding_bag_backward_fused_cuda(
         ": all optimizer_state tensors must share one dtype");
     state_dtype_code(optimizer_state[k].scalar_type());
   }
+  if (cache_ids.defined()) {
+    check_cache(op, cache_ids, cache_weight, cores_in[0], bp.t.D);
+    TORCH_CHECK_VALUE(cache_weight.is_contiguous(), op, ": cache_weight must be contiguous (it is updated in place)");
+    const int64_t C = cache_ids.numel();
+    if (optimizer == static_cast<int64_t>(FusedOptimizer::SGD)) {
+      TORCH_CHECK_VALUE(!cache_state.defined(), op, ": SGD takes no cache optimizer state, got one");
+    } else {
+      const bool adagrad = optimizer == static_cast<int64_t>(FusedOptimizer::ADAGRAD);
+      TORCH_CHECK_VALUE(
+          cache_state.defined() && cache_state.is_contiguous() && cache_state.is_floating_point() &&
+              (adagrad ? cache_state.sizes() == cache_weight.sizes() : (cache_state.dim() == 1 && cache_state.size(0) == C)),
+          op, ": the cache optimizer state must be a contiguous floating tensor of shape ",
+          adagrad ? cache_weight.sizes() : c10::IntArrayRef{C}, " (", adagrad ? "Adagrad" : "row-wise Adagrad", ")");
+      check_device(op, "cache optimizer state", cache_state, cores_in[0]);
+      state_dtype_code(cache_state.scalar_type());
+    }
+  }
   const c10::cuda::CUDAGuard guard(cores_in[0].device());
   const std::vector<at::Tensor> cores(cores_in.begin(), cores_in.end());
   const std::vector<at::Tensor> state(optimizer_state.begin(), optimizer_state.end());
@@ -1695,8 +2014,56 @@ void tt_embedding_bag_backward_fused_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cores[0].scalar_type(), "tt_backward_fused_cuda", [&] {
     run_backward<scalar_t>(
         op, bp.t, p_shapes, bp.grad_output, cores, state, bp.indices, bp.offsets, indices_in, offsets_in,
-        per_sample_weights, pooling_mode, mode, learning_rate, eps, {}, stream);
+        per_sample_weights, pooling_mode, mode, learning_rate, eps, {}, stream, cache_ids, cache_weight, cache_state);
   });
+}
+
+void tt_embedding_bag_backward_fused_cuda(
+    const at::Tensor& grad_output,
+    at::TensorList cores,
+    at::TensorList optimizer_state,
+    const at::Tensor& indices,
+    const at::Tensor& offsets,
+    const std::optional<at::Tensor>& per_sample_weights,
+    c10::IntArrayRef p_shapes,
+    c10::IntArrayRef q_shapes,
+    c10::IntArrayRef ranks,
+    int64_t num_embeddings,
+    int64_t pooling_mode,
+    int64_t optimizer,
+    double learning_rate,
+    double eps) {
+  run_backward_fused(
+      "torchrec_tt.tt_embedding_bag_backward_fused_", grad_output, cores, optimizer_state, indices, offsets,
+      per_sample_weights, p_shapes, q_shapes, ranks, num_embeddings, pooling_mode, optimizer, learning_rate, eps);
+}
+
+void tt_cached_embedding_bag_backward_fused_cuda(
+    const at::Tensor& grad_output,
+    at::TensorList cores,
+    at::TensorList optimizer_state,
+    const at::Tensor& cache_ids,
+    const at::Tensor& cache_weight,
+    at::TensorList cache_optimizer_state,
+    const at::Tensor& indices,
+    const at::Tensor& offsets,
+    const std::optional<at::Tensor>& per_sample_weights,
+    c10::IntArrayRef p_shapes,
+    c10::IntArrayRef q_shapes,
+    c10::IntArrayRef ranks,
+    int64_t num_embeddings,
+    int64_t pooling_mode,
+    int64_t optimizer,
+    double learning_rate,
+    double eps) {
+  const char* op = "torchrec_tt.tt_cached_embedding_bag_backward_fused_";
+  TORCH_CHECK_VALUE(
+      cache_optimizer_state.size() <= 1, op, ": cache_optimizer_state holds at most one tensor, got ",
+      cache_optimizer_state.size());
+  run_backward_fused(
+      op, grad_output, cores, optimizer_state, indices, offsets, per_sample_weights, p_shapes, q_shapes, ranks,
+      num_embeddings, pooling_mode, optimizer, learning_rate, eps, cache_ids, cache_weight,
+      cache_optimizer_state.empty() ? at::Tensor() : cache_optimizer_state[0]);
 }
 
 }  // namespace
@@ -1706,6 +2073,8 @@ TORCH_LIBRARY_IMPL(torchrec_tt, CUDA, m) {
   m.impl("tt_embedding_bag_backward", &tt_embedding_bag_backward_cuda);
   m.impl("tt_embedding_bag_backward_fused_", &tt_embedding_bag_backward_fused_cuda);
   m.impl("tt_lookup_rows", &tt_lookup_rows_cuda);
+  m.impl("tt_cached_embedding_bag_forward", &tt_cached_embedding_bag_forward_cuda);
+  m.impl("tt_cached_embedding_bag_backward_fused_", &tt_cached_embedding_bag_backward_fused_cuda);
 }
 
 }  // namespace torchrec_tt

@@ -133,11 +133,11 @@ def _local_cached_ids(dmp: Any) -> dict[str, set[int]]:
     return out
 
 
-def _training_worker(rank: int, world_size: int, cases: list[tuple[str, str, bool]], ckpt_dir: str) -> dict[str, float]:
+def _training_worker(rank: int, world_size: int, cases: list[tuple[str, str]], ckpt_dir: str) -> dict[str, float]:
     from tt_dist_cases import build_dmp, global_batch, loss_coefficients, make_kjt
 
     from torchrec_tt.distributed.checkpoint import load_checkpoint, save_checkpoint
-    from torchrec_tt.modules.tt_cache import TTRowCache, cache_statistics, populate_caches
+    from torchrec_tt.modules.tt_cache import cache_statistics, populate_caches
 
     fused = {"sgd": {"optimizer": "exact_sgd", "learning_rate": 0.3},
              "adagrad": {"optimizer": "exact_adagrad", "learning_rate": 0.1, "eps": 1e-8},
@@ -145,8 +145,7 @@ def _training_worker(rank: int, world_size: int, cases: list[tuple[str, str, boo
     res: dict[str, float] = {}
     batch, gb = 4, 4 * world_size
     lo, hi = rank * batch, (rank + 1) * batch
-    for kind, opt, sync_free in cases:
-        TTRowCache.sync_free = sync_free  # the padded, sync-free split (an option) or exact parts
+    for kind, opt in cases:
         configs = _configs("discard")
         plan_spec = _plan(kind)
         dmp, plan = build_dmp(rank, world_size, plan_spec, fused[opt], False, table_configs=configs)
@@ -208,7 +207,7 @@ def _my_ranges(dmp: Any, table: str) -> list[tuple[int, int]]:
 
 
 def test_cached_tables_train_like_the_dense_oracle_and_checkpoint(tmp_path) -> None:
-    cases = [("rw_tw", "adagrad", False), ("rw_tw", "rowwise_adagrad", True), ("cw", "sgd", True), ("cw", "adagrad", False)]
+    cases = [("rw_tw", "adagrad"), ("rw_tw", "rowwise_adagrad"), ("cw", "sgd"), ("cw", "adagrad")]
     results = run_multiprocess(_training_worker, world_size=2, cases=cases, ckpt_dir=str(tmp_path))
     for rank, res in enumerate(results):
         for key, value in res.items():

@@ -39,7 +39,7 @@ from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_tt.modules.tt_cache import CacheSplit, TTRowCache, fit_tt_rows_
+from torchrec_tt.modules.tt_cache import TTRowCache, TTShape, fit_tt_rows_
 from torchrec_tt.modules.tt_embedding_bag import TTEmbeddingBag
 from torchrec_tt.modules.tt_embedding_configs import is_tt_config, tt_config_shapes, uses_cache
 from torchrec_tt.modules.tt_embedding_modules import concat_feature_bags
@@ -55,7 +55,7 @@ from torchrec_tt.ops import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TTFusedOptimizerSettings", "TTLocalShard", "TTLookupBags", "TTPooledLookup", "TTStepSync"]
+__all__ = ["TTFusedOptimizerSettings", "TTLocalShard", "TTPooledLookup", "TTStepSync"]
 
 
 @dataclass(frozen=True)
@@ -216,48 +216,31 @@ class TTLocalShard(nn.Module):
         pool = tt_embedding_bag_for_backward if for_backward else tt_embedding_bag
         return pool(list(self.cores), ids, offsets, weights, self.p, self.q, self.ranks, self.num_rows, self.pooling_mode)
 
-    def forward_cached(
-        self, ids: Tensor, offsets: Tensor, weights: Tensor | None, for_backward: bool
-    ) -> tuple[Tensor, TTLookupBags]:
-        """Lookup through the cache: hits from the cached rows, misses from the cores.
+    def tt_shape(self) -> TTShape:
+        return TTShape(self.p, self.q, self.ranks, self.num_rows)
 
-        Returns:
-            tuple: the pooled output and the bags the backward must use (the misses,
-            pooled as a weighted sum, plus the cache split).
-        """
+    def forward_cached(self, ids: Tensor, offsets: Tensor, weights: Tensor | None, for_backward: bool) -> Tensor:
+        """Lookup through the cache: hits from the cached rows, misses from the cores."""
         assert self.cache is not None
         if self.training and self.cache.populate_due():
             self.cache_populate()
-        split, out = self.cache.split(ids, offsets, weights, bool(self.pooling_mode), self.num_rows, for_backward)
-        pool = tt_embedding_bag_for_backward if for_backward else tt_embedding_bag
-        if self.training:
-            self.cache.record(ids)
-        misses = split.misses
-        miss_weights = misses.weights.to(self.cores[0].dtype)
-        if misses.ids.numel():
-            out = out + misses.real_bags(
-                pool(
-                    list(self.cores), misses.ids, misses.offsets, miss_weights, self.p, self.q, self.ranks, self.num_rows, 0
-                )
-            )
-        return out, TTLookupBags(misses.ids, misses.offsets, miss_weights, 0, split)
+        return self.cache.lookup(
+            list(self.cores), self.tt_shape(), ids, offsets, weights, self.pooling_mode, self.training, for_backward
+        )
 
-    def core_gradients(
-        self, grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None, pooling_mode: int | None = None
-    ) -> list[Tensor]:
+    def core_gradients(self, grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None) -> list[Tensor]:
         if self.num_rows == 0:
             return [torch.zeros_like(c) for c in self.cores]
-        mode = self.pooling_mode if pooling_mode is None else pooling_mode
-        return tt_embedding_bag_backward(grad, list(self.cores), ids, offsets, weights, self.p, self.q, self.ranks, self.num_rows, mode)
+        return tt_embedding_bag_backward(
+            grad, list(self.cores), ids, offsets, weights, self.p, self.q, self.ranks, self.num_rows, self.pooling_mode
+        )
 
-    def fused_backward_(
-        self, grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None, pooling_mode: int | None = None
-    ) -> None:
+    def fused_backward_(self, grad: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None) -> None:
         if self.num_rows == 0:
             return
         tt_embedding_bag_backward_fused_(
             grad, list(self.cores), self.optimizer_states(), ids, offsets, weights, self.p, self.q, self.ranks,
-            self.num_rows, self.pooling_mode if pooling_mode is None else pooling_mode, int(self.optim.optimizer),
+            self.num_rows, self.pooling_mode, int(self.optim.optimizer),
             self.optim.learning_rate, self.optim.eps,
         )
 
@@ -290,7 +273,7 @@ class TTLocalShard(nn.Module):
 
     def versions(self) -> list[int]:
         """Version counters of the tensors a lookup's backward updates."""
-        extra = [self.cache.cache_weight._version] if self.cache is not None else []
+        extra = [self.cache.cache_weight._version, self.cache.cache_ids._version] if self.cache is not None else []
         return [c._version for c in self.cores] + extra
 
     @torch.no_grad()
@@ -340,17 +323,6 @@ class TTLocalShard(nn.Module):
                 core.grad = g.to(core.dtype).clone()
             else:
                 core.grad.add_(g.to(core.dtype))
-
-
-@dataclass
-class TTLookupBags:
-    """What a shard's backward needs from its forward: the bags the cores saw, and the cache split."""
-
-    ids: Tensor
-    offsets: Tensor
-    weights: Tensor | None
-    pooling_mode: int | None = None
-    split: CacheSplit | None = None
 
 
 def _empty_fused_optimizer() -> Any:
@@ -557,8 +529,7 @@ class TTPooledLookup(nn.Module):
         for bag in bags:
             shard, ids, offsets, weights, n, batch = bag[:6]
             if shard.cache is not None:
-                out, backward_bags = shard.forward_cached(ids, offsets, weights, for_backward)
-                bag.append(backward_bags)
+                out = shard.forward_cached(ids, offsets, weights, for_backward)
             else:
                 out = shard.forward_bags(ids, offsets, weights, for_backward)
             out = out.float()  # (n * B, cols)
@@ -588,16 +559,20 @@ class TTPooledLookup(nn.Module):
             grads = [grad_output[:, col + i * width : col + (i + 1) * width] for i in range(n)]
             col += n * width
             grad = (torch.cat(grads, dim=0) if n > 1 else grads[0]).contiguous().to(shard.cores[0].dtype)
-            mode = None
-            if len(bag) > 6:  # a cached lookup: the cores train on the misses, the cache on the hits
-                cached: TTLookupBags = bag[6]
-                ids, offsets, weights, mode = cached.ids, cached.offsets, cached.weights, cached.pooling_mode
-                shard.cache.apply_update(grad, cached.split, shard.optim.learning_rate, shard.optim.eps)
-                grad = cached.split.misses.padded_grad(grad)
             local_only = not shard.replicated and not shard.exact_rowwise_cw
+            cache = shard.cache
+            if cache is not None and local_only:  # one fused step: the hits train the cache, the misses the cores
+                cache.fused_backward_(
+                    grad, list(shard.cores), shard.optimizer_states(), shard.tt_shape(), ids, offsets, weights,
+                    shard.pooling_mode, shard.optim.learning_rate, shard.optim.eps,
+                )
+                continue
+            if cache is not None:  # replicated cores: the cache steps here, the cores see only the misses
+                cache.update_hits_(grad, ids, offsets, weights, shard.pooling_mode, shard.optim.learning_rate, shard.optim.eps)
+                weights = cache.miss_weights(ids, weights, grad.dtype)
             if shard.optim.optimizer is not None and local_only:
-                shard.fused_backward_(grad, ids, offsets, weights, mode)
+                shard.fused_backward_(grad, ids, offsets, weights)
             elif local_only:
-                shard.accumulate_grad(shard.core_gradients(grad, ids, offsets, weights, mode))
+                shard.accumulate_grad(shard.core_gradients(grad, ids, offsets, weights))
             else:
-                state.pending.append(_PendingGrads(shard, shard.core_gradients(grad, ids, offsets, weights, mode)))
+                state.pending.append(_PendingGrads(shard, shard.core_gradients(grad, ids, offsets, weights)))

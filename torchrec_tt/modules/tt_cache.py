@@ -20,16 +20,18 @@ Design (see the README, "Software cache"):
   atomic compare-and-swap (which of two ids contesting a slot wins can vary, the
   counts of stored ids are exact). Populate breaks count ties by id, so the cache
   contents do not depend on the table layout unless ids were dropped.
-* **Lookup.** ``cache_ids`` is kept sorted, so a lookup is a ``searchsorted``;
-  no dense id-to-slot map of ``num_embeddings`` entries is stored. Cached rows
-  are a one-core TT table (``p=[cache_size], q=[D]``) pooled by the same kernels;
-  hits and misses are compacted into two lookups, which costs one host
-  synchronisation per lookup (the number of hits sizes both); ``TTRowCache.sync_free
-  = True`` pads both parts to the input's size instead (no sync, slower).
+* **Lookup.** ``cache_ids`` is kept sorted, so finding an id is a binary search;
+  no dense id-to-slot map of ``num_embeddings`` entries is stored. The ops
+  ``tt_cached_embedding_bag_forward`` / ``tt_cached_embedding_bag_backward_fused_``
+  serve and train hits and misses in one call. On CUDA it is one pass of the TT
+  kernels: a hit sorts after every TT id, grouped by its slot, its row is copied from
+  the cache instead of being contracted, and no host synchronisation happens (a
+  cached training step can be captured in a CUDA graph). Elsewhere the reference
+  kernel splits the lookup into hits and compacted misses.
 * **Training.** Gradients of cached rows are summed per slot deterministically
-  (the fused TT backward op on the one-core cache table, no float atomics) and the fused optimizer
-  (SGD, Adagrad, row-wise Adagrad) updates the rows exactly as it would update
-  the rows of an uncompressed table; cached rows own their optimizer state.
+  (no float atomics) and the fused optimizer (SGD, Adagrad, row-wise Adagrad)
+  updates the rows exactly as it would update the rows of an uncompressed table;
+  cached rows own their optimizer state.
 * **Populate.** The ``cache_size`` most frequent ids (ties: smaller id first)
   become the cache. Rows that stay keep their trained values and state (FBTT
   overwrote them from the cores at every populate). New rows are materialised
@@ -63,18 +65,18 @@ from torch import Tensor, nn
 from torchrec_tt.ops import (
     FusedOptimizer,
     lfu_cache_record_,
-    per_sample_weights_grad,
-    tt_embedding_bag,
+    tt_cached_embedding_bag,
+    tt_cached_embedding_bag_backward_fused_,
     tt_embedding_bag_backward,
     tt_embedding_bag_backward_fused_,
-    tt_embedding_bag_for_backward,
     tt_lookup_rows,
 )
-from torchrec_tt.ops.reference import LFU_EMPTY_KEY, check_bag_args, lfu_home_slots
+from torchrec_tt.ops.cached_reference import cache_slots
+from torchrec_tt.ops.reference import LFU_EMPTY_KEY, lfu_home_slots
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STAT_NAMES", "BagPart", "CacheSplit", "EvictionPolicy", "TTRowCache", "cache_statistics", "fit_tt_rows_", "populate_caches"]
+__all__ = ["STAT_NAMES", "EvictionPolicy", "TTRowCache", "TTShape", "cache_statistics", "fit_tt_rows_", "populate_caches"]
 
 EMPTY_ID = LFU_EMPTY_KEY
 STAT_NAMES = ("lookups", "hits", "unique_misses", "evictions", "hash_dropped", "populates")
@@ -88,56 +90,22 @@ class EvictionPolicy(str, enum.Enum):
     DISCARD = "discard"
 
 
-@dataclass
-class BagPart:
-    """The part of a lookup that one table (the cache or the TT cores) serves, compacted.
+@dataclass(frozen=True)
+class TTShape:
+    """The TT shape arguments of the ops for one table (or table shard).
 
     Attributes:
-        pos (Tensor): positions of its ids in the input, ascending.
-        ids (Tensor): its ids (cache slots for the cached part, table ids for the TT part).
-        offsets (Tensor): ``B + 1`` bag boundaries of ``ids`` (every input bag, maybe empty).
-        weights (Tensor): pooling weight of every id (per-sample weight, divided by the bag
-            length for mean pooling): the part is pooled as a weighted sum.
-        num_bags (int): the input's bags; on GPU ``offsets`` has ``num_dummy_bags`` more.
-        num_dummy_bags (int): with ``TTRowCache.sync_free`` the part keeps the input's size (no
-            host sync to learn its count): ``ids`` is padded with id 0 of weight 0, and the
-            padding fills extra bags after the real ones, whose pooled rows are dropped (and
-            whose gradient is 0).
+        p_shapes, q_shapes, ranks (list[int]): the factorisation.
+        num_embeddings (int): rows.
     """
 
-    pos: Tensor
-    ids: Tensor
-    offsets: Tensor
-    weights: Tensor
-    num_bags: int
-    num_dummy_bags: int = 0
+    p_shapes: list[int]
+    q_shapes: list[int]
+    ranks: list[int]
+    num_embeddings: int
 
-    def real_bags(self, pooled: Tensor) -> Tensor:
-        """The pooled rows of the input's bags (the dummy bags' rows dropped)."""
-        return pooled[: self.num_bags] if self.num_dummy_bags else pooled
-
-    def padded_grad(self, grad_output: Tensor) -> Tensor:
-        """``grad_output`` with zero rows for the dummy bags."""
-        if not self.num_dummy_bags:
-            return grad_output
-        return torch.cat([grad_output, grad_output.new_zeros(self.num_dummy_bags, grad_output.shape[1])])
-
-
-@dataclass
-class CacheSplit:
-    """One lookup split into cached hits and TT misses (kept for the backward).
-
-    Attributes:
-        hits (BagPart): ids served by the cache (``ids`` are cache slots).
-        misses (BagPart): ids served by the TT cores.
-        offsets (Tensor): the input's ``B + 1`` bag boundaries (int64).
-        mean (bool): whether the pooling is a mean.
-    """
-
-    hits: BagPart
-    misses: BagPart
-    offsets: Tensor
-    mean: bool
+    def args(self) -> tuple[list[int], list[int], list[int], int]:
+        return self.p_shapes, self.q_shapes, self.ranks, self.num_embeddings
 
 
 class TTRowCache(nn.Module):
@@ -164,11 +132,6 @@ class TTRowCache(nn.Module):
         >>> cache.hashtbl_size, cache.cache_weight.shape
         (16, torch.Size([4, 8]))
     """
-
-    #: Split lookups without a host sync, the hit and miss parts padded to the input's size
-    #: (CUDA-graph capturable). Off by default: measured on an H200 it is slower (the padding
-    #: is one long run of id 0 for the kernels' segmented reductions), see benchmarks/NOTES.md.
-    sync_free: bool = False
 
     def __init__(
         self,
@@ -294,114 +257,121 @@ class TTRowCache(nn.Module):
             self._bump("hash_dropped", lfu_cache_record_(self.hash_keys, self.hash_counts, ids, self.max_probes)[0])
 
     # ------------------------------------------------------------------ lookup
-    def split(
-        self, ids: Tensor, offsets: Tensor, weights: Tensor | None, mean: bool, num_embeddings: int, for_backward: bool = False
-    ) -> tuple[CacheSplit, Tensor]:
-        """Validate a lookup, separate cached hits from TT misses and pool the hits.
+    def lookup(
+        self,
+        cores: list[Tensor],
+        shape: TTShape,
+        ids: Tensor,
+        offsets: Tensor,
+        weights: Tensor | None,
+        pooling_mode: int,
+        count: bool,
+        for_backward: bool = False,
+    ) -> Tensor:
+        """Pooled lookup, cached ids from the cached rows and the others from ``cores``.
+
+        Updates ``lookups``, ``hits``, ``unique_misses`` (and, counting, ``hash_dropped``) on
+        the device, in the same op (no host sync).
 
         Args:
+            cores (list[Tensor]): the table's TT cores.
+            shape (TTShape): their shape arguments.
             ids (Tensor): 1-D int32/int64 ids in ``[0, num_embeddings)``.
             offsets (Tensor): ``B + 1`` bag boundaries.
             weights (Tensor, optional): per-sample weights.
-            mean (bool): mean pooling (the misses are then returned as a weighted sum
-                with weights divided by the bag length).
-            num_embeddings (int): rows of the table.
-            for_backward (bool): :meth:`apply_update` follows (inside an autograd
-                Function's forward): the hits are pooled by
-                :func:`~torchrec_tt.ops.tt_embedding_bag_for_backward`.
+            pooling_mode (int): 0 (sum) or 1 (mean).
+            count (bool): record the ids' accesses for :meth:`populate` (training).
+            for_backward (bool): :meth:`fused_backward_` of the same tensors follows.
 
         Returns:
-            tuple: the :class:`CacheSplit` and the pooled cached rows ``(B, D)``.
-
-        Raises:
-            IndexError / ValueError: bad ids or offsets (nothing is counted then).
+            Tensor: ``(B, D)``.
         """
-        op = f"table '{self.name}' (cached lookup)"
-        malformed = ids.dim() != 1 or offsets.dim() != 1 or offsets.numel() < 1 or ids.dtype not in (torch.int32, torch.int64)
-        if malformed or weights is not None and (weights.dim() != 1 or weights.numel() != ids.numel()):
-            check_bag_args(op, ids, offsets, weights, num_embeddings, 0)  # raises, naming the argument
-        offs = offsets.long()
-        lengths = offs[1:] - offs[:-1]
-        nnz = ids.numel()
-        ids64 = ids.long()
-        slot = torch.searchsorted(self.cache_ids, ids64).clamp_(max=self.cache_size - 1)
-        hit = self.cache_ids.index_select(0, slot) == ids64
-        num_hits: int | Tensor
-        sync_free = self.sync_free
-        if ids.device.type == "cpu":
-            bad = ((ids64 < 0) | (ids64 >= num_embeddings)).sum() + (lengths < 0).sum() + (offs[0] != 0) + (offs[-1] != nnz)
-            num_hits, num_bad = torch.stack([hit.sum(), bad]).tolist()
-            if num_bad:
-                check_bag_args(op, ids, offsets, weights, num_embeddings, 0)
-                raise ValueError(f"{op}: malformed ids or offsets")  # pragma: no cover - check_bag_args names it
-        else:
-            # Ids and offsets are checked on the device by the TT kernels, as without a cache
-            # (cached ids are valid). Unless sync_free, the hit count is the one host sync.
-            num_hits = hit.sum()
-        if sync_free and isinstance(num_hits, int):
-            num_hits = hit.sum()  # a tensor: the two parts keep the input's size (see BagPart)
-        if not sync_free and not isinstance(num_hits, int):
-            num_hits = int(num_hits)
-        bag_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=ids.device), lengths, output_size=nnz)
-        acc = self._acc_dtype()
-        scale = weights.to(acc) if weights is not None else torch.ones(nnz, device=ids.device, dtype=acc)
-        if mean:
-            scale = scale / lengths.clamp(min=1).index_select(0, bag_of).to(acc)
-        hits = _compact(hit, num_hits, slot, offs, scale, self.cache_weight.dtype, offsets.dtype)
-        misses = _compact(~hit, nnz - num_hits, ids, offs, scale, scale.dtype, offsets.dtype)
-        self._bump("lookups", nnz)
-        self._bump("hits", num_hits)
-        if sync_free and nnz:
-            keys = torch.sort(torch.where(hit, -1, ids64)).values  # hits sort first as -1
-            self._bump("unique_misses", ((keys[1:] != keys[:-1]) & (keys[1:] >= 0)).sum() + (keys[0] >= 0))
-        elif misses.ids.numel():
-            keys = torch.sort(misses.ids).values
-            self._bump("unique_misses", (keys[1:] != keys[:-1]).sum() + 1)
-        return CacheSplit(hits, misses, offs, mean), hits.real_bags(self._pool(hits, for_backward))
+        return tt_cached_embedding_bag(
+            cores, self.cache_ids, self.cache_weight, self.hash_keys, self.hash_counts, self.stats, ids, offsets,
+            weights, *shape.args(), pooling_mode, self.max_probes, count, for_backward,
+        )
 
     def _acc_dtype(self) -> torch.dtype:
         return torch.promote_types(self.cache_weight.dtype, torch.float32)
 
-    def _table(self) -> tuple[list[Tensor], list[int], list[int], list[int], int]:
-        """The cached rows as a one-core TT (``p=[C], q=[D]``), so the TT kernels pool and train them."""
-        return [self.cache_weight], [self.cache_size], [self.embedding_dim], [1, 1], self.cache_size
-
-    def _pool(self, hits: BagPart, for_backward: bool) -> Tensor:
-        cores, p, q, ranks, n = self._table()
-        pool = tt_embedding_bag_for_backward if for_backward else tt_embedding_bag
-        return pool(cores, hits.ids, hits.offsets, hits.weights, p, q, ranks, n, 0)
-
-    def hit_weight_grad(self, grad_output: Tensor, split: CacheSplit) -> Tensor:
-        """``<grad_output[bag], cached row>`` for every element of ``split.hits`` (padding included)."""
-        cores, p, q, ranks, n = self._table()
-        grad = split.hits.padded_grad(grad_output)
-        return per_sample_weights_grad(grad, cores, split.hits.ids, split.hits.offsets, p, q, ranks, n, 0)
+    def weights_grad(
+        self, grad_output: Tensor, cores: list[Tensor], shape: TTShape, ids: Tensor, offsets: Tensor, pooling_mode: int
+    ) -> Tensor:
+        """Gradient w.r.t. per-sample weights: ``<grad_output[bag], row>`` per id, the row cached or not."""
+        offs = offsets.long()
+        lengths = offs[1:] - offs[:-1]
+        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=offs.device), lengths, output_size=ids.numel())
+        rows = self.overlay(ids, tt_lookup_rows(cores, ids, *shape.args())).to(self._acc_dtype())
+        grad = (grad_output.to(rows.dtype).index_select(0, bag) * rows).sum(dim=1)
+        if pooling_mode == 1:
+            grad = grad / lengths.clamp(min=1).index_select(0, bag).to(grad.dtype)
+        return grad
 
     # ------------------------------------------------------------------ training
-    @torch.no_grad()
-    def apply_update(self, grad_output: Tensor, split: CacheSplit, learning_rate: float, eps: float) -> None:
-        """Fused optimizer step on the cached rows that the lookup hit.
+    def _require_optimizer(self) -> FusedOptimizer:
+        if self.optimizer is None:
+            raise RuntimeError(f"table '{self.name}': the cache has no fused optimizer to train its rows")
+        return self.optimizer
 
-        The cached rows are a one-core TT table (``p=[cache_size], q=[D]``), so the
-        fused TT backward op does it: duplicates coalesced in a fixed order (no float
-        atomics on CUDA: same input, same bits), then exactly the step an uncompressed
-        table takes on those rows; rows without a hit are not touched.
+    def _states(self) -> list[Tensor]:
+        state = self._buffers.get("cache_optimizer_state")
+        return [] if state is None else [state]
+
+    @torch.no_grad()
+    def fused_backward_(
+        self,
+        grad_output: Tensor,
+        cores: list[Tensor],
+        core_states: list[Tensor],
+        shape: TTShape,
+        ids: Tensor,
+        offsets: Tensor,
+        weights: Tensor | None,
+        pooling_mode: int,
+        learning_rate: float,
+        eps: float,
+    ) -> None:
+        """Fused optimizer step of a :meth:`lookup`: the hit cached rows and the cores (for the misses).
+
+        Duplicates are coalesced in a fixed order (no float atomics on CUDA: same input, same
+        bits); the cached rows take exactly the step an uncompressed table's rows would take.
 
         Args:
             grad_output (Tensor): ``(B, D)`` gradient of the pooled output.
-            split (CacheSplit): the forward's split.
+            cores, shape, ids, offsets, weights, pooling_mode: as in :meth:`lookup`.
+            core_states (list[Tensor]): the cores' optimizer state.
             learning_rate (float): step size.
             eps (float): Adagrad's denominator term.
         """
-        if self.optimizer is None:
-            raise RuntimeError(f"table '{self.name}': the cache has no fused optimizer to train its rows")
-        if split.hits.ids.numel() == 0:
-            return
-        cores, p, q, ranks, n = self._table()
-        states = [self.cache_optimizer_state] if hasattr(self, "cache_optimizer_state") else []
+        tt_cached_embedding_bag_backward_fused_(
+            grad_output, cores, core_states, self.cache_ids, self.cache_weight, self._states(), ids, offsets, weights,
+            *shape.args(), pooling_mode, int(self._require_optimizer()), learning_rate, eps,
+        )
+
+    def miss_weights(self, ids: Tensor, weights: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """Per-sample weights that drop the cached ids (0) and keep the others: a lookup of the misses only."""
+        _, hit = cache_slots(self.cache_ids, ids)
+        keep = weights.to(dtype) if weights is not None else torch.ones(ids.numel(), device=ids.device, dtype=dtype)
+        return torch.where(hit, torch.zeros_like(keep), keep)
+
+    @torch.no_grad()
+    def update_hits_(
+        self, grad_output: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None, pooling_mode: int,
+        learning_rate: float, eps: float,
+    ) -> None:
+        """Fused optimizer step of the hit cached rows only (for shards whose cores are trained elsewhere).
+
+        The cached rows are a one-core TT table (``p=[cache_size], q=[D]``): every id is looked up
+        there as its slot, the misses with weight 0 (their zero gradient leaves the row they land
+        on exactly as it is), so the step needs no host sync.
+        """
+        slot, hit = cache_slots(self.cache_ids, ids)
+        dtype = self._acc_dtype()
+        keep = weights.to(dtype) if weights is not None else torch.ones(ids.numel(), device=ids.device, dtype=dtype)
         tt_embedding_bag_backward_fused_(
-            split.hits.padded_grad(grad_output), cores, states, split.hits.ids, split.hits.offsets, split.hits.weights, p, q, ranks, n, 0,
-            int(self.optimizer), learning_rate, eps,
+            grad_output, [self.cache_weight], self._states(), slot, offsets, torch.where(hit, keep, torch.zeros_like(keep)),
+            [self.cache_size], [self.embedding_dim], [1, 1], self.cache_size, pooling_mode,
+            int(self._require_optimizer()), learning_rate, eps,
         )
 
     # ------------------------------------------------------------------ populate / flush
@@ -472,50 +442,14 @@ class TTRowCache(nn.Module):
 
     def overlay(self, ids: Tensor, rows: Tensor) -> Tensor:
         """``rows`` of ``ids`` with the cached ones replaced by their cached values."""
-        ids64 = ids.long()
-        slot = torch.searchsorted(self.cache_ids, ids64).clamp_(max=self.cache_size - 1)
-        hit = (self.cache_ids.index_select(0, slot) == ids64).unsqueeze(1)
-        return torch.where(hit, self.cache_weight.index_select(0, slot).to(rows.dtype), rows)
+        slot, hit = cache_slots(self.cache_ids, ids)
+        return torch.where(hit.unsqueeze(1), self.cache_weight.index_select(0, slot).to(rows.dtype), rows)
 
     def extra_repr(self) -> str:
         return (
             f"cache_size={self.cache_size}, hashtbl_size={self.hashtbl_size}, max_probes={self.max_probes}, "
             f"eviction_policy={self.eviction_policy.value!r}"
         )
-
-
-_MAX_DUMMY_BAGS = 1024
-
-
-def _compact(
-    mask: Tensor,
-    count: int | Tensor,
-    ids: Tensor,
-    offsets: Tensor,
-    scale: Tensor,
-    dtype: torch.dtype,
-    offsets_dtype: torch.dtype,
-) -> BagPart:
-    """The ids where ``mask`` holds, with their bag boundaries and pooling weights.
-
-    ``count`` is their number: an int gives an exact-size part; a device tensor a part of
-    the input's size, padded with id 0 of weight 0 spread over dummy bags after the real
-    ones (no host sync; see :class:`BagPart`).
-    """
-    nnz, num_bags = mask.numel(), offsets.numel() - 1
-    before = torch.zeros(nnz + 1, dtype=torch.int64, device=mask.device)
-    torch.cumsum(mask, 0, out=before[1:])
-    real = before.index_select(0, offsets)
-    if isinstance(count, int):
-        pos = torch.nonzero_static(mask, size=count).squeeze(1)
-        return BagPart(pos, ids.index_select(0, pos), real.to(offsets_dtype), scale.index_select(0, pos).to(dtype), num_bags)
-    pos = torch.nonzero_static(mask, size=nnz, fill_value=nnz).squeeze(1)
-    part_ids = torch.cat([ids, ids.new_zeros(1)]).index_select(0, pos)
-    weights = torch.cat([scale, scale.new_zeros(1)]).index_select(0, pos).to(dtype)
-    dummy = max(1, min(_MAX_DUMMY_BAGS, nnz))
-    steps = torch.arange(1, dummy + 1, device=mask.device)
-    bounds = count + (nnz - count) * steps // dummy  # the padding, split evenly; the last one ends at nnz
-    return BagPart(pos, part_ids, torch.cat([real, bounds]).to(offsets_dtype), weights, num_bags, dummy)
 
 
 def _cache_owners(model: nn.Module) -> list[nn.Module]:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from torchrec_tt.modules.optim_types import OptimType, to_fused_optimizer
-from torchrec_tt.modules.tt_cache import CacheSplit, EvictionPolicy, TTRowCache, fit_tt_rows_
+from torchrec_tt.modules.tt_cache import EvictionPolicy, TTRowCache, TTShape, fit_tt_rows_
 from torchrec_tt.modules.tt_init import WEIGHT_DISTS, init_tt_cores
 from torchrec_tt.modules.tt_shapes import (
     canonical_to_internal,
@@ -73,31 +73,33 @@ class _CachedFusedTTEmbeddingBag(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, table: TTEmbeddingBag, indices: Tensor, offsets: Tensor, weights: Tensor | None, *cores: Tensor) -> Tensor:
-        split, out = table._cached_lookup(indices, offsets, weights, for_backward=True)
-        ctx.table, ctx.split, ctx.cores = table, split, cores
-        ctx.versions = [c._version for c in cores] + [table.cache.cache_weight._version]
+        out = table._cached_lookup(indices, offsets, weights, list(cores), for_backward=True)
+        ctx.table, ctx.cores = table, cores
+        ctx.save_for_backward(indices, offsets, weights)
+        ctx.versions = [c._version for c in cores] + [table.cache.cache_weight._version, table.cache.cache_ids._version]
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
         table: TTEmbeddingBag = ctx.table
-        split: CacheSplit = ctx.split
-        if [c._version for c in ctx.cores] + [table.cache.cache_weight._version] != ctx.versions:
+        cache = table.cache
+        indices, offsets, weights = ctx.saved_tensors
+        if [c._version for c in ctx.cores] + [cache.cache_weight._version, cache.cache_ids._version] != ctx.versions:
             raise RuntimeError(
                 f"TTEmbeddingBag '{table.name}' (sparse=True, use_cache=True): the cores or the cache changed between "
                 "this forward and its backward (a second backward, or a cache_populate() in between). Run one "
                 "backward per lookup and populate between steps."
             )
         grad_output = grad_output.contiguous()
+        cores = list(ctx.cores)
         weight_grad = None
         if ctx.needs_input_grad[3]:
-            weight_grad = table._cached_weight_grad(grad_output, split)
-        misses = split.misses
-        table._apply_fused_update(
-            misses.padded_grad(grad_output), misses.ids, misses.offsets, misses.weights.to(ctx.cores[0].dtype),
-            PoolingMode.SUM,
+            weight_grad = cache.weights_grad(grad_output, cores, table._tt_shape(), indices, offsets, table._pooling_mode)
+            weight_grad = weight_grad.to(weights.dtype)
+        cache.fused_backward_(
+            grad_output, cores, table.optimizer_states(), table._tt_shape(), indices, offsets, weights,
+            table._pooling_mode, table.learning_rate, table.eps,
         )
-        table.cache.apply_update(grad_output, split, table.learning_rate, table.eps)
         return (None, None, None, weight_grad, *([None] * len(ctx.cores)))
 
 
@@ -203,6 +205,7 @@ class TTEmbeddingBag(nn.Module):
         self.tt_q_shapes: list[int] = q
         self.tt_ranks: list[int] = ranks
         self.num_tt_core = len(p)
+        self._shape = TTShape(p, q, ranks, num_embeddings)  # the ops' shape arguments (fixed for the module's life)
         self.sparse = sparse
         self.optimizer = OptimType(getattr(optimizer, "value", optimizer))
         self._fused_optimizer = fused
@@ -474,47 +477,23 @@ class TTEmbeddingBag(nn.Module):
         if torch.is_grad_enabled():
             out = _CachedFusedTTEmbeddingBag.apply(self, indices, offsets, weights, *cores)
         else:
-            _, out = self._cached_lookup(indices, offsets, weights, for_backward=False)
+            out = self._cached_lookup(indices, offsets, weights, cores, for_backward=False)
         return out
 
+    def _tt_shape(self) -> TTShape:
+        return self._shape
+
     def _cached_lookup(
-        self, indices: Tensor, offsets: Tensor, weights: Tensor | None, for_backward: bool
-    ) -> tuple[CacheSplit, Tensor]:
+        self, indices: Tensor, offsets: Tensor, weights: Tensor | None, cores: list[Tensor], for_backward: bool
+    ) -> Tensor:
         """Hits pooled from the cache plus misses pooled from the cores; counts accesses in training."""
         assert self.cache is not None
-        split, out = self.cache.split(indices, offsets, weights, self.mode == "mean", self.num_embeddings, for_backward)
-        pool = tt_embedding_bag_for_backward if for_backward else tt_embedding_bag
-        if self.training:
-            self.cache.record(indices)
-        misses = split.misses
-        if misses.ids.numel():
-            out = out + misses.real_bags(
-                pool(
-                    list(self.tt_cores), misses.ids, misses.offsets, misses.weights.to(out.dtype),
-                    *self._op_shape_args(), PoolingMode.SUM,
-                )
+        try:
+            return self.cache.lookup(
+                cores, self._tt_shape(), indices, offsets, weights, self._pooling_mode, self.training, for_backward
             )
-        return split, out
-
-    def _cached_weight_grad(self, grad_output: Tensor, split: CacheSplit) -> Tensor:
-        assert self.cache is not None
-        hits, misses = split.hits, split.misses
-        nnz = hits.pos.numel() if hits.num_dummy_bags else hits.pos.numel() + misses.pos.numel()
-        # one slot past the end takes the padding of sync-free (GPU) parts
-        grad = torch.zeros(nnz + 1, device=grad_output.device, dtype=misses.weights.dtype)
-        grad.index_copy_(0, hits.pos, self.cache.hit_weight_grad(grad_output, split).to(grad.dtype))
-        if misses.ids.numel():
-            dot = per_sample_weights_grad(
-                misses.padded_grad(grad_output), list(self.tt_cores), misses.ids, misses.offsets,
-                *self._op_shape_args(), PoolingMode.SUM,
-            )
-            grad.index_copy_(0, misses.pos, dot.to(grad.dtype))
-        grad = grad[:nnz]
-        if split.mean:
-            lengths = split.offsets[1:] - split.offsets[:-1]
-            bag_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=grad.device), lengths, output_size=grad.numel())
-            grad = grad / lengths.clamp(min=1).index_select(0, bag_of).to(grad.dtype)
-        return grad
+        except (IndexError, ValueError) as e:
+            raise type(e)(f"TTEmbeddingBag '{self.name}': {e}") from e
 
     def _writeback(self, ids: Tensor, rows: Tensor) -> None:
         before, after = fit_tt_rows_([c.data for c in self.tt_cores], ids, rows, *self._op_shape_args())

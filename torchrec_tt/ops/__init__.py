@@ -4,6 +4,8 @@ from torchrec_tt.ops._library import FusedOptimizer, PoolingMode
 from torchrec_tt.ops.tt_embedding_bag import (
     lfu_cache_record_,
     per_sample_weights_grad,
+    tt_cached_embedding_bag,
+    tt_cached_embedding_bag_backward_fused_,
     tt_embedding_bag,
     tt_embedding_bag_backward,
     tt_embedding_bag_backward_fused_,
@@ -16,6 +18,8 @@ __all__ = [
     "PoolingMode",
     "lfu_cache_record_",
     "per_sample_weights_grad",
+    "tt_cached_embedding_bag",
+    "tt_cached_embedding_bag_backward_fused_",
     "tt_embedding_bag",
     "tt_embedding_bag_backward",
     "tt_embedding_bag_backward_fused_",

@@ -50,6 +50,24 @@ SCHEMAS: dict[str, str] = {
         f"Tensor(b!)[] optimizer_state, {_COMMON_ARGS}, int optimizer, "
         "float learning_rate, float eps) -> ()"
     ),
+    # Pooled lookup through an LFU row cache: ids found in the sorted ``cache_ids`` read the
+    # matching ``cache_weight`` row, the others the TT cores. Adds to the int64 ``stats``
+    # (>= 5 entries): [0] lookups, [1] cache hits, [2] distinct ids served by the cores and,
+    # with ``count``, [4] the ids that found no hash slot (the others counted in
+    # ``hash_keys`` / ``hash_counts`` as lfu_cache_record_ does).
+    "tt_cached_embedding_bag_forward": (
+        "tt_cached_embedding_bag_forward(Tensor[] cores, Tensor cache_ids, Tensor cache_weight, "
+        f"Tensor(a!) hash_keys, Tensor(b!) hash_counts, Tensor(c!) stats, {_COMMON_ARGS}, "
+        "int max_probes, bool count) -> Tensor"
+    ),
+    # Its backward fused with the optimizer: hits train the cached rows (state
+    # ``cache_optimizer_state``: [] for SGD, else one tensor), misses the cores.
+    "tt_cached_embedding_bag_backward_fused_": (
+        "tt_cached_embedding_bag_backward_fused_(Tensor grad_output, Tensor(a!)[] cores, "
+        "Tensor(b!)[] optimizer_state, Tensor cache_ids, Tensor(c!) cache_weight, "
+        f"Tensor(d!)[] cache_optimizer_state, {_COMMON_ARGS}, int optimizer, float learning_rate, "
+        "float eps) -> ()"
+    ),
     # LFU cache: count one access of every id in an open-addressing hash table (linear
     # probing, at most max_probes slots); returns the number of ids left uncounted (1-elem).
     "lfu_cache_record_": (

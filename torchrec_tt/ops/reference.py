@@ -28,6 +28,7 @@ from torch import Tensor
 from torchrec_tt.ops._library import FusedOptimizer, PoolingMode, lib
 
 __all__ = [
+    "apply_rows_update_",
     "check_tt_args",
     "row_digits",
     "tt_embedding_bag_backward",
@@ -443,22 +444,49 @@ def tt_embedding_bag_backward_fused_(
     with torch.no_grad():
         for k, core in enumerate(cores):
             touched = torch.unique(digits[k])
-            if touched.numel() == 0:
-                continue
-            g = grads[k].index_select(0, touched)
-            w = core.index_select(0, touched).to(g.dtype)
-            if optimizer == FusedOptimizer.SGD:
-                w = w - learning_rate * g
-            else:
-                state = optimizer_state[k]
-                if optimizer == FusedOptimizer.ADAGRAD:
-                    s = state.index_select(0, touched).to(g.dtype) + g * g
-                    w = w - learning_rate * g / (s.sqrt() + eps)
-                else:
-                    s = state.index_select(0, touched).to(g.dtype) + (g * g).mean(dim=1)
-                    w = w - learning_rate * g / (s.sqrt() + eps).unsqueeze(1)
-                state.index_copy_(0, touched, s.to(state.dtype))
-            core.index_copy_(0, touched, w.to(core.dtype))
+            state = optimizer_state[k] if optimizer_state else None
+            apply_rows_update_(core, state, touched, grads[k].index_select(0, touched), optimizer, learning_rate, eps)
+
+
+def apply_rows_update_(
+    weight: Tensor, state: Tensor | None, rows: Tensor, grad: Tensor, optimizer: int, learning_rate: float, eps: float
+) -> None:
+    """One exact optimizer step on ``weight[rows]`` with the summed gradients ``grad`` (in place).
+
+    SGD ``w -= lr g``; Adagrad ``s += g^2, w -= lr g / (sqrt(s) + eps)``; row-wise Adagrad
+    ``s += mean(g^2)`` per row, same step. ``state`` (``None`` for SGD) is updated too.
+
+    Args:
+        weight (Tensor): ``(n, S)`` rows (core slices or cached rows).
+        state (Tensor, optional): optimizer state, ``weight``'s shape (Adagrad) or ``(n,)``.
+        rows (Tensor): distinct row numbers to update.
+        grad (Tensor): ``(len(rows), S)`` summed gradients in the accumulation dtype.
+        optimizer (int): :class:`FusedOptimizer`.
+        learning_rate (float): step size.
+        eps (float): Adagrad's denominator term.
+
+    Example::
+
+        >>> w = torch.ones(3, 2)
+        >>> apply_rows_update_(w, None, torch.tensor([1]), torch.ones(1, 2), FusedOptimizer.SGD, 0.5, 0.0)
+        >>> w[:, 0].tolist()
+        [1.0, 0.5, 1.0]
+    """
+    if rows.numel() == 0:
+        return
+    w = weight.index_select(0, rows).to(grad.dtype)
+    if optimizer == FusedOptimizer.SGD:
+        w = w - learning_rate * grad
+    else:
+        assert state is not None
+        if optimizer == FusedOptimizer.ADAGRAD:
+            s = state.index_select(0, rows).to(grad.dtype) + grad * grad
+            w = w - learning_rate * grad / (s.sqrt() + eps)
+        else:
+            s = state.index_select(0, rows).to(grad.dtype) + (grad * grad).mean(dim=1)
+            w = w - learning_rate * grad / (s.sqrt() + eps).unsqueeze(1)
+        state.index_copy_(0, rows, s.to(state.dtype))
+    weight.index_copy_(0, rows, w.to(weight.dtype))
 
 
 LFU_EMPTY_KEY = torch.iinfo(torch.int64).max

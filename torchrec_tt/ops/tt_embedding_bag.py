@@ -13,11 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchrec_tt.ops import reference  # noqa: F401  (registers the default kernels)
+from torchrec_tt.ops import cached_reference, reference  # noqa: F401  (register the default kernels)
 from torchrec_tt.ops._library import NAMESPACE
 
 __all__ = [
     "lfu_cache_record_",
+    "tt_cached_embedding_bag",
+    "tt_cached_embedding_bag_backward_fused_",
     "tt_embedding_bag",
     "tt_embedding_bag_backward",
     "tt_embedding_bag_backward_fused_",
@@ -194,6 +196,110 @@ def tt_embedding_bag_backward_fused_(
     )
 
 
+def tt_cached_embedding_bag(
+    cores: list[Tensor],
+    cache_ids: Tensor,
+    cache_weight: Tensor,
+    hash_keys: Tensor,
+    hash_counts: Tensor,
+    stats: Tensor,
+    indices: Tensor,
+    offsets: Tensor,
+    per_sample_weights: Tensor | None,
+    p_shapes: list[int],
+    q_shapes: list[int],
+    ranks: list[int],
+    num_embeddings: int,
+    pooling_mode: int = 0,
+    max_probes: int = 8,
+    count: bool = False,
+    for_backward: bool = False,
+) -> Tensor:
+    """Pooled lookup through an LFU row cache: cached ids read ``cache_weight``, the others the cores.
+
+    One op, no host sync: it also updates the cache statistics and, with ``count``,
+    counts the ids' accesses (as :func:`lfu_cache_record_`). Not differentiable by
+    autograd: training runs :func:`tt_cached_embedding_bag_backward_fused_` (as the
+    module :class:`torchrec_tt.TTEmbeddingBag` with ``use_cache=True`` does).
+
+    Args: as :func:`tt_embedding_bag`, plus
+        cache_ids (Tensor): sorted int64 cached ids (unused slots ``2**63 - 1``, at the end).
+        cache_weight (Tensor): ``(len(cache_ids), D)`` cached rows, the cores' dtype.
+        hash_keys, hash_counts (Tensor): the LFU frequency table (see :func:`lfu_cache_record_`).
+        stats (Tensor): int64 counters (>= 5), added to in place: ``[0]`` lookups, ``[1]``
+            hits, ``[2]`` distinct ids served by the cores, ``[4]`` ids left uncounted
+            because every probed hash slot held another id (with ``count``).
+        max_probes (int): hash slots an id probes before it is given up.
+        count (bool): count the accesses (training lookups).
+        for_backward (bool): the fused backward of the same tensors follows (see
+            :func:`tt_embedding_bag_for_backward`): the CUDA kernels keep the sorted batch.
+
+    Returns:
+        Tensor: ``(B, D)`` pooled rows.
+
+    Example::
+
+        >>> cores = [torch.randn(2, 6), torch.randn(5, 6)]
+        >>> keys, counts = torch.full((8,), 2**63 - 1), torch.zeros(8, dtype=torch.long)
+        >>> stats = torch.zeros(6, dtype=torch.long)
+        >>> out = tt_cached_embedding_bag(
+        ...     cores, torch.tensor([4]), torch.zeros(1, 4), keys, counts, stats, torch.tensor([4, 9, 9]),
+        ...     torch.tensor([0, 3]), None, [2, 5], [2, 2], [1, 3, 1], 10, count=True)
+        >>> out.shape, stats.tolist(), int(counts.sum())
+        (torch.Size([1, 4]), [3, 1, 1, 0, 0, 0], 3)
+    """
+    args = (cores, cache_ids, cache_weight, hash_keys, hash_counts, stats, indices, offsets, per_sample_weights,
+            p_shapes, q_shapes, ranks, num_embeddings, pooling_mode, max_probes, count)
+    if not for_backward or torch.compiler.is_compiling():
+        return _ops.tt_cached_embedding_bag_forward.default(*args)
+    with torch._C._AutoDispatchBelowAutograd(), torch.enable_grad():
+        return _ops.tt_cached_embedding_bag_forward.default(*args)
+
+
+def tt_cached_embedding_bag_backward_fused_(
+    grad_output: Tensor,
+    cores: list[Tensor],
+    optimizer_state: list[Tensor],
+    cache_ids: Tensor,
+    cache_weight: Tensor,
+    cache_optimizer_state: list[Tensor],
+    indices: Tensor,
+    offsets: Tensor,
+    per_sample_weights: Tensor | None,
+    p_shapes: list[int],
+    q_shapes: list[int],
+    ranks: list[int],
+    num_embeddings: int,
+    pooling_mode: int,
+    optimizer: int,
+    learning_rate: float,
+    eps: float,
+) -> None:
+    """Backward of :func:`tt_cached_embedding_bag` fused with an exact optimizer step (in place).
+
+    The cached rows that the lookup hit take the step an uncompressed table's rows
+    would take (their gradients summed first); the cores take the fused TT step for
+    the other ids (as :func:`tt_embedding_bag_backward_fused_`).
+
+    Args: as :func:`tt_embedding_bag_backward_fused_` and :func:`tt_cached_embedding_bag`, plus
+        cache_optimizer_state (list[Tensor]): ``[]`` for SGD, else the cache's state:
+            ``cache_weight``'s shape (Adagrad) or ``(len(cache_ids),)`` (row-wise Adagrad).
+
+    Example::
+
+        >>> cores, cache = [torch.randn(2, 6), torch.randn(5, 6)], torch.zeros(1, 4)
+        >>> tt_cached_embedding_bag_backward_fused_(
+        ...     torch.ones(1, 4), cores, [], torch.tensor([4]), cache, [], torch.tensor([4, 9]),
+        ...     torch.tensor([0, 2]), None, [2, 5], [2, 2], [1, 3, 1], 10, 0, 0, 0.5, 0.0)
+        >>> cache.tolist()
+        [[-0.5, -0.5, -0.5, -0.5]]
+    """
+    _ops.tt_cached_embedding_bag_backward_fused_.default(
+        grad_output, cores, optimizer_state, cache_ids, cache_weight, cache_optimizer_state, indices, offsets,
+        per_sample_weights, p_shapes, q_shapes, ranks, num_embeddings, pooling_mode, optimizer, learning_rate, eps,
+    )
+
+
 def tt_lookup_rows(
     cores: list[Tensor], indices: Tensor, p_shapes: list[int], q_shapes: list[int], ranks: list[int], num_embeddings: int
 ) -> Tensor:
@@ -251,6 +357,19 @@ def _(grad_output, cores, indices, offsets, per_sample_weights, p_shapes, q_shap
 @torch.library.register_fake(f"{NAMESPACE}::tt_embedding_bag_backward_fused_")
 def _(grad_output, cores, optimizer_state, indices, offsets, per_sample_weights, *args):
     _fake_checks(cores, args[1])
+    return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::tt_cached_embedding_bag_forward")
+def _(cores, cache_ids, cache_weight, hash_keys, hash_counts, stats, indices, offsets, per_sample_weights, p_shapes,
+      q_shapes, *args):
+    _fake_checks(cores, q_shapes)
+    return cores[0].new_empty(offsets.shape[0] - 1, math.prod(q_shapes))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::tt_cached_embedding_bag_backward_fused_")
+def _(grad_output, cores, optimizer_state, cache_ids, cache_weight, cache_optimizer_state, indices, offsets, *args):
+    _fake_checks(cores, args[2])
     return None
 
 
