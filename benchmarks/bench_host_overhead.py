@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", "-B", type=int, default=512)
     ap.add_argument("--pooling-factor", "-L", type=int, default=20)
     ap.add_argument("--iters", type=int, default=300, help="timed calls per part")
+    ap.add_argument("--cache-size", type=int, default=0, help="also time the LFU-cached table with this many cached rows")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     return ap.parse_args(argv)
 
@@ -97,6 +98,25 @@ def main(argv: list[str] | None = None) -> int:
         "nn.EmbeddingBag(sparse=True) + SGD step": dense_step,
         "one tiny kernel launch (x.add_(1))": lambda: tiny.add_(1),
     }
+    if args.cache_size:
+        cached = TTEmbeddingBag(
+            args.num_embeddings, D, p, q, r, sparse=True, optimizer=OptimType.SGD, learning_rate=0.0, use_cache=True,
+            cache_size=args.cache_size, device=dev,
+        )
+        cached(ids, offsets[:-1]).backward(g)
+        cached.cache_populate()  # the batch's most frequent ids
+        c = cached.cache
+        parts.update({
+            "TT+cache module step (forward + backward + fused SGD)": lambda: cached(ids, offsets[:-1]).backward(g),
+            "TT+cache forward op (counting accesses)": lambda: ops.tt_cached_embedding_bag_forward(
+                cores, c.cache_ids, c.cache_weight, c.hash_keys, c.hash_counts, c.stats, ids, offsets, None, p, q, ranks,
+                args.num_embeddings, 0, c.max_probes, True,
+            ),
+            "TT+cache fused backward op (sorts its own batch)": lambda: ops.tt_cached_embedding_bag_backward_fused_(
+                g, cores, [], c.cache_ids, c.cache_weight, [], ids, offsets, None, p, q, ranks, args.num_embeddings, 0, 0,
+                0.0, 0.0,
+            ),
+        })
     results = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,

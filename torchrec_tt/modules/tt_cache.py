@@ -14,11 +14,13 @@ Design (see the README, "Software cache"):
   home slot ``((id mod H) * 2654435761) mod H``; it is counted in the slot that
   holds it or in the first empty one it claims. When all probed slots hold
   other ids the table is full *for that id*: the occurrence is not counted and
-  ``hash_dropped`` grows by one (FBTT drops such keys silently). The op
-  ``torchrec_tt::lfu_cache_record_`` does it: on CPU vectorised by probe round,
-  concurrent claims of a slot going to the smallest id; on CUDA one kernel with
-  atomic compare-and-swap (which of two ids contesting a slot wins can vary, the
-  counts of stored ids are exact). Populate breaks count ties by id, so the cache
+  ``hash_dropped`` grows by one (FBTT drops such keys silently). A training
+  lookup counts inside the cached forward op; :meth:`TTRowCache.record` (the op
+  ``torchrec_tt::lfu_cache_record_``) counts ids outside a lookup. On CPU the
+  probing is vectorised by probe round, concurrent claims of a slot going to the
+  smallest id; on CUDA it is atomic compare-and-swap, one probe per run of equal ids in
+  the sorted batch, counting its length (which of two ids contesting a slot wins can
+  vary, the counts of stored ids are exact). Populate breaks count ties by id, so the cache
   contents do not depend on the table layout unless ids were dropped.
 * **Lookup.** ``cache_ids`` is kept sorted, so finding an id is a binary search;
   no dense id-to-slot map of ``num_embeddings`` entries is stored. The ops
