@@ -380,7 +380,7 @@ def test_record_op_passes_opcheck():
 def test_row_cache_with_no_optimizer_refuses_training():
     cache = TTRowCache(cache_size=1, embedding_dim=2, optimizer=None)
     with pytest.raises(RuntimeError, match="no fused optimizer"):
-        cache.update_hits_(torch.ones(1, 2), torch.tensor([0]), torch.tensor([0, 1]), None, 0, 0.1, 0.0)
+        cache.update_hits_(torch.ones(1, 2), torch.tensor([0]), torch.tensor([0, 1]), None, 0, 0.1, 0.0, torch.float32)
 
 
 # ----------------------------------------------------------------------------- CUDA

@@ -572,8 +572,9 @@ class TTPooledLookup(nn.Module):
                 )
                 continue
             if cache is not None:  # replicated cores: the cache steps here, the cores see only the misses
-                cache.update_hits_(grad, ids, offsets, weights, shard.pooling_mode, shard.optim.learning_rate, shard.optim.eps)
-                weights = cache.miss_weights(ids, weights, grad.dtype)
+                weights = cache.update_hits_(
+                    grad, ids, offsets, weights, shard.pooling_mode, shard.optim.learning_rate, shard.optim.eps, grad.dtype
+                )
             if shard.optim.optimizer is not None and local_only:
                 shard.fused_backward_(grad, ids, offsets, weights)
             elif local_only:

@@ -75,6 +75,7 @@ from torchrec_tt.ops import (
 )
 from torchrec_tt.ops.cached_reference import cache_slots
 from torchrec_tt.ops.reference import LFU_EMPTY_KEY, lfu_home_slots
+from torchrec_tt.ops.tt_embedding_bag import weights_grad_of_rows
 
 logger = logging.getLogger(__name__)
 
@@ -300,14 +301,8 @@ class TTRowCache(nn.Module):
         self, grad_output: Tensor, cores: list[Tensor], shape: TTShape, ids: Tensor, offsets: Tensor, pooling_mode: int
     ) -> Tensor:
         """Gradient w.r.t. per-sample weights: ``<grad_output[bag], row>`` per id, the row cached or not."""
-        offs = offsets.long()
-        lengths = offs[1:] - offs[:-1]
-        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=offs.device), lengths, output_size=ids.numel())
         rows = self.overlay(ids, tt_lookup_rows(cores, ids, *shape.args())).to(self._acc_dtype())
-        grad = (grad_output.to(rows.dtype).index_select(0, bag) * rows).sum(dim=1)
-        if pooling_mode == 1:
-            grad = grad / lengths.clamp(min=1).index_select(0, bag).to(grad.dtype)
-        return grad
+        return weights_grad_of_rows(grad_output.to(rows.dtype), rows, offsets, pooling_mode)
 
     # ------------------------------------------------------------------ training
     def _require_optimizer(self) -> FusedOptimizer:
@@ -350,31 +345,30 @@ class TTRowCache(nn.Module):
             *shape.args(), pooling_mode, int(self._require_optimizer()), learning_rate, eps,
         )
 
-    def miss_weights(self, ids: Tensor, weights: Tensor | None, dtype: torch.dtype) -> Tensor:
-        """Per-sample weights that drop the cached ids (0) and keep the others: a lookup of the misses only."""
-        _, hit = cache_slots(self.cache_ids, ids)
-        keep = weights.to(dtype) if weights is not None else torch.ones(ids.numel(), device=ids.device, dtype=dtype)
-        return torch.where(hit, torch.zeros_like(keep), keep)
-
     @torch.no_grad()
     def update_hits_(
         self, grad_output: Tensor, ids: Tensor, offsets: Tensor, weights: Tensor | None, pooling_mode: int,
-        learning_rate: float, eps: float,
-    ) -> None:
+        learning_rate: float, eps: float, miss_dtype: torch.dtype,
+    ) -> Tensor:
         """Fused optimizer step of the hit cached rows only (for shards whose cores are trained elsewhere).
 
         The cached rows are a one-core TT table (``p=[cache_size], q=[D]``): every id is looked up
         there as its slot, the misses with weight 0 (their zero gradient leaves the row they land
         on exactly as it is), so the step needs no host sync.
+
+        Returns:
+            Tensor: per-sample weights in ``miss_dtype`` that drop the cached ids (0) and keep the
+            others: the cores' backward with them sees the misses only.
         """
         slot, hit = cache_slots(self.cache_ids, ids)
-        dtype = self._acc_dtype()
-        keep = weights.to(dtype) if weights is not None else torch.ones(ids.numel(), device=ids.device, dtype=dtype)
+        keep = _weights_or_ones(weights, ids, self._acc_dtype())
         tt_embedding_bag_backward_fused_(
             grad_output, [self.cache_weight], self._states(), slot, offsets, torch.where(hit, keep, torch.zeros_like(keep)),
             [self.cache_size], [self.embedding_dim], [1, 1], self.cache_size, pooling_mode,
             int(self._require_optimizer()), learning_rate, eps,
         )
+        keep = _weights_or_ones(weights, ids, miss_dtype)
+        return torch.where(hit, torch.zeros_like(keep), keep)
 
     # ------------------------------------------------------------------ populate / flush
     @torch.no_grad()
@@ -452,6 +446,10 @@ class TTRowCache(nn.Module):
             f"cache_size={self.cache_size}, hashtbl_size={self.hashtbl_size}, max_probes={self.max_probes}, "
             f"eviction_policy={self.eviction_policy.value!r}"
         )
+
+
+def _weights_or_ones(weights: Tensor | None, ids: Tensor, dtype: torch.dtype) -> Tensor:
+    return weights.to(dtype) if weights is not None else torch.ones(ids.numel(), device=ids.device, dtype=dtype)
 
 
 def _cache_owners(model: nn.Module) -> list[nn.Module]:

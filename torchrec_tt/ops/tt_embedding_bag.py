@@ -406,9 +406,26 @@ def per_sample_weights_grad(
         torch.Size([1])
     """
     rows = tt_lookup_rows(cores, indices, p_shapes, q_shapes, ranks, num_embeddings)
+    return weights_grad_of_rows(grad_output, rows, offsets, pooling_mode)
+
+
+def weights_grad_of_rows(grad_output: Tensor, rows: Tensor, offsets: Tensor, pooling_mode: int) -> Tensor:
+    """Gradient w.r.t. ``per_sample_weights`` given the looked-up rows: ``<grad_output[bag(i)], rows[i]>``.
+
+    Args:
+        grad_output (Tensor): ``(B, D)`` gradient of the pooled output.
+        rows (Tensor): ``(N, D)`` row of every id.
+        offsets (Tensor): ``B + 1`` bag boundaries.
+        pooling_mode (int): 0 = sum, 1 = mean (divided by the bag length).
+
+    Example::
+
+        >>> weights_grad_of_rows(torch.ones(1, 2), torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([0, 2]), 1)
+        tensor([1.5000, 3.5000])
+    """
     offs = offsets.long()
     lengths = offs[1:] - offs[:-1]
-    bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=offs.device), lengths, output_size=indices.shape[0])
+    bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=offs.device), lengths, output_size=rows.shape[0])
     grad = (grad_output.index_select(0, bag) * rows).sum(dim=1)
     if pooling_mode == 1:
         grad = grad / lengths.clamp(min=1).index_select(0, bag).to(grad.dtype)
