@@ -11,8 +11,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <limits>
-
 #include "tt_cuda_common.cuh"
 
 namespace torchrec_tt {

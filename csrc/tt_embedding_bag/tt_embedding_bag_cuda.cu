@@ -244,10 +244,11 @@ __global__ void tt_index_kernel(const IndexArgs<acc_t> a) {
     a.counts[kRows] = urow + 1;
     a.urow_start[urow + 1] = static_cast<int32_t>(a.nnz);
   }
-  // distinct TT (missed) ids, one integer atomic per warp
-  const bool new_id = !hit && (i == 0 || a.skeys[i - 1] != key);
-  const unsigned ballot = __ballot_sync(__activemask(), new_id);
-  if (new_id && (threadIdx.x & 31) == static_cast<unsigned>(__ffs(ballot) - 1)) atomicAdd(&a.counts[kMissIds], __popc(ballot));
+  if (a.hit_base != ~uint64_t{0}) {  // cached lookup: distinct TT (missed) ids, one integer atomic per warp
+    const bool new_id = !hit && (i == 0 || a.skeys[i - 1] != key);
+    const unsigned ballot = __ballot_sync(__activemask(), new_id);
+    if (new_id && (threadIdx.x & 31) == static_cast<unsigned>(__ffs(ballot) - 1)) atomicAdd(&a.counts[kMissIds], __popc(ballot));
+  }
   const int32_t l = a.svals[i];
   if (a.posmap != nullptr) a.posmap[l] = urow;
   if (a.sbag != nullptr) {
@@ -622,6 +623,11 @@ __device__ __forceinline__ const ReduceArgs<scalar_t, acc_t>& reduce_core(const 
   return m.r[k];
 }
 
+// Elements per thread whose global loads a slice loop issues together (one memory
+// latency per kUnroll elements instead of one per element: a middle-core slice has
+// 4096 elements, 32 per thread).
+constexpr int kUnroll = 4;
+
 // The slice `dg` of the core gets its gradient g (S values in shared memory), once.
 template <typename scalar_t, typename acc_t>
 __device__ void finalize_slice(const ReduceArgs<scalar_t, acc_t>& a, int dg, const acc_t* g, acc_t* red) {
@@ -629,20 +635,10 @@ __device__ void finalize_slice(const ReduceArgs<scalar_t, acc_t>& a, int dg, con
   const int64_t base = static_cast<int64_t>(dg) * a.S;
   if (a.mode == kWriteGrad) {
     for (int e = tid; e < a.S; e += kThreads) a.grad[base + e] = static_cast<scalar_t>(g[e]);
-  } else if (a.mode == kSGD) {
-    for (int e = tid; e < a.S; e += kThreads) {
-      const acc_t w = static_cast<acc_t>(a.core[base + e]);
-      a.core[base + e] = static_cast<scalar_t>(w - a.lr * g[e]);
-    }
-  } else if (a.mode == kAdagrad) {
-    for (int e = tid; e < a.S; e += kThreads) {
-      const acc_t ge = g[e];
-      const acc_t s = load_state<acc_t>(a.state, a.state_dtype, base + e) + ge * ge;
-      store_state<acc_t>(a.state, a.state_dtype, base + e, s);
-      const acc_t w = static_cast<acc_t>(a.core[base + e]);
-      a.core[base + e] = static_cast<scalar_t>(w - a.lr * ge / (sqrt(s) + a.eps));
-    }
-  } else {
+    return;
+  }
+  acc_t den = acc_t(1);  // row-wise Adagrad: one denominator for the slice
+  if (a.mode == kRowwiseAdagrad) {
     acc_t part = acc_t(0);
     for (int e = tid; e < a.S; e += kThreads) part += g[e] * g[e];
     red[tid] = part;
@@ -657,10 +653,32 @@ __device__ void finalize_slice(const ReduceArgs<scalar_t, acc_t>& a, int dg, con
       red[kThreads] = s;
     }
     __syncthreads();
-    const acc_t den = sqrt(red[kThreads]) + a.eps;
-    for (int e = tid; e < a.S; e += kThreads) {
-      const acc_t w = static_cast<acc_t>(a.core[base + e]);
-      a.core[base + e] = static_cast<scalar_t>(w - a.lr * g[e] / den);
+    den = sqrt(red[kThreads]) + a.eps;
+  }
+  for (int e0 = tid; e0 < a.S; e0 += kThreads * kUnroll) {
+    acc_t w[kUnroll], st[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {  // loads first
+      const int e = e0 + u * kThreads;
+      if (e < a.S) {
+        w[u] = static_cast<acc_t>(a.core[base + e]);
+        if (a.mode == kAdagrad) st[u] = load_state<acc_t>(a.state, a.state_dtype, base + e);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int e = e0 + u * kThreads;
+      if (e >= a.S) continue;
+      const acc_t ge = g[e];
+      if (a.mode == kSGD) {
+        a.core[base + e] = static_cast<scalar_t>(w[u] - a.lr * ge);
+      } else if (a.mode == kAdagrad) {
+        const acc_t s = st[u] + ge * ge;
+        store_state<acc_t>(a.state, a.state_dtype, base + e, s);
+        a.core[base + e] = static_cast<scalar_t>(w[u] - a.lr * ge / (sqrt(s) + a.eps));
+      } else {
+        a.core[base + e] = static_cast<scalar_t>(w[u] - a.lr * ge / den);
+      }
     }
   }
 }
@@ -745,9 +763,13 @@ __device__ void reduce_t_32x128(
 
 // What a reduction kernel instantiation sums per slice (one launch per kind).
 enum ReduceKind : int { kPlainSum = 0, kGemmT = 1, kFastT = 2 };
+// Blocks per SM the register-tiled T^T dT sums are compiled for: 6 caps them at 80
+// registers (24 warps per SM instead of 16 at 128; a few bytes spill), 3-4% faster steps.
+constexpr int kFastTMinBlocks = 6;
 
-template <typename scalar_t, typename acc_t, int KIND>
-__global__ void __launch_bounds__(kThreads) tt_reduce_kernel(const __grid_constant__ ReduceLaunch<scalar_t, acc_t> m) {
+// MIN_BLOCKS = 0: no minimum (the compiler's register choice).
+template <typename scalar_t, typename acc_t, int KIND, int MIN_BLOCKS = 0>
+__global__ void __launch_bounds__(kThreads, MIN_BLOCKS) tt_reduce_kernel(const __grid_constant__ ReduceLaunch<scalar_t, acc_t> m) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
   // digits[s0 - 1 .. s1] and the items of the chunk, loaded once (no serial global loads)
@@ -858,21 +880,41 @@ __global__ void __launch_bounds__(kThreads) tt_reduce_tail_kernel(const __grid_c
   __syncthreads();
   const int jend = min(s_end, nchunks);
   acc_t* const acc = sm + a.sm_acc;
-  for (int x = tid; x < a.S; x += kThreads) {
-    acc_t s = a.pl[static_cast<int64_t>(j) * a.S + x];
-    int jj = j + 1;
-    for (; jj + 4 <= jend; jj += 4) {  // 4 loads in flight, summed in chunk order
-      const acc_t v0 = a.pf[static_cast<int64_t>(jj) * a.S + x];
-      const acc_t v1 = a.pf[static_cast<int64_t>(jj + 1) * a.S + x];
-      const acc_t v2 = a.pf[static_cast<int64_t>(jj + 2) * a.S + x];
-      const acc_t v3 = a.pf[static_cast<int64_t>(jj + 3) * a.S + x];
-      s += v0;
-      s += v1;
-      s += v2;
-      s += v3;
+  for (int x0 = tid; x0 < a.S; x0 += kThreads * kUnroll) {
+    // partials summed in chunk order, kUnroll elements per thread and two chunks in flight
+    acc_t s[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int x = x0 + u * kThreads;
+      s[u] = x < a.S ? a.pl[static_cast<int64_t>(j) * a.S + x] : acc_t(0);
     }
-    for (; jj < jend; ++jj) s += a.pf[static_cast<int64_t>(jj) * a.S + x];
-    acc[x] = s;
+    int jj = j + 1;
+    for (; jj + 2 <= jend; jj += 2) {
+      acc_t v[kUnroll], w[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int x = x0 + u * kThreads;
+        v[u] = x < a.S ? a.pf[static_cast<int64_t>(jj) * a.S + x] : acc_t(0);
+        w[u] = x < a.S ? a.pf[static_cast<int64_t>(jj + 1) * a.S + x] : acc_t(0);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        s[u] += v[u];
+        s[u] += w[u];
+      }
+    }
+    if (jj < jend) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int x = x0 + u * kThreads;
+        s[u] += x < a.S ? a.pf[static_cast<int64_t>(jj) * a.S + x] : acc_t(0);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int x = x0 + u * kThreads;
+      if (x < a.S) acc[x] = s[u];
+    }
   }
   __syncthreads();
   finalize_slice(a, dg, acc, sm + a.sm_red);
@@ -1824,11 +1866,20 @@ void run_backward(
     r.lr = static_cast<acc_t>(learning_rate);
     r.eps = static_cast<acc_t>(eps);
     SmemPlan sp;
-    r.sm_acc = sp.take(S);
-    if (has_T) {
+    const int64_t stage_elems = has_T ? int64_t{kNI} * t.Q[k] * (t.r[k] + t.n[k]) : 0;
+    if (kind == kFastT && stage_elems >= S) {
+      // register-tiled sums: the slice is written to shared memory only after the last
+      // staging, so it can take the staging buffers' place (more blocks per SM)
       r.sm_ts = sp.take(int64_t{kNI} * t.Q[k] * t.r[k]);
       r.sm_dts = sp.take(int64_t{kNI} * t.Q[k] * t.n[k]);
-      if (kind == kGemmT) r.sm_scratch = sp.take(kGemmScratch);
+      r.sm_acc = r.sm_ts;
+    } else {
+      r.sm_acc = sp.take(S);
+      if (has_T) {
+        r.sm_ts = sp.take(int64_t{kNI} * t.Q[k] * t.r[k]);
+        r.sm_dts = sp.take(int64_t{kNI} * t.Q[k] * t.n[k]);
+        if (kind == kGemmT) r.sm_scratch = sp.take(kGemmScratch);
+      }
     }
     r.sm_red = sp.take(kThreads + 4);
     const int64_t nb = ceil_div(is_cache ? bt.max_urows : nkeys[k], kReduceChunk);
@@ -1851,7 +1902,7 @@ void run_backward(
   tl.ncores = nentries;
   const decltype(&tt_reduce_kernel<scalar_t, acc_t, kPlainSum>) kernels[3] = {
       tt_reduce_kernel<scalar_t, acc_t, kPlainSum>, tt_reduce_kernel<scalar_t, acc_t, kGemmT>,
-      tt_reduce_kernel<scalar_t, acc_t, kFastT>};
+      tt_reduce_kernel<scalar_t, acc_t, kFastT, kFastTMinBlocks>};
   for (int kind = 0; kind < 3; ++kind) {
     const ReduceLaunch<scalar_t, acc_t>& kl = kind_launch[kind];
     if (kl.ncores == 0) continue;
