@@ -135,6 +135,7 @@ class TTLocalShard(nn.Module):
         self.col_start, self.col_stop = col_offset // q_inner, (col_offset + num_cols) // q_inner
         self.p = [self.slice_stop - self.slice_start, *p[1:]]
         self.q = [self.col_stop - self.col_start, *q[1:]]
+        self._shape = TTShape(self.p, self.q, self.ranks, self.num_rows)  # the ops' shape arguments (fixed)
         self.is_tt = is_tt_config(config)
         self.pooling_mode = int(config.pooling == PoolingType.MEAN and not pool_after_dist)
         d = len(p)
@@ -217,7 +218,7 @@ class TTLocalShard(nn.Module):
         return pool(self.core_list(), ids, offsets, weights, self.p, self.q, self.ranks, self.num_rows, self.pooling_mode)
 
     def tt_shape(self) -> TTShape:
-        return TTShape(self.p, self.q, self.ranks, self.num_rows)
+        return self._shape
 
     def core_list(self) -> list[Tensor]:
         """The cores in order (ParameterList's own iteration costs ~10 us per core per call)."""

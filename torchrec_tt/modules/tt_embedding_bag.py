@@ -451,10 +451,13 @@ class TTEmbeddingBag(nn.Module):
         except (IndexError, ValueError) as e:
             raise type(e)(f"TTEmbeddingBag '{self.name}': {e}") from e
 
-    @torch.no_grad()
     def _apply_fused_update(
         self, grad_output: Tensor, indices: Tensor, offsets: Tensor, weights: Tensor | None, pooling_mode: int | None = None
     ) -> None:
+        if torch.is_grad_enabled():  # the in-place update of the leaf cores is not recorded
+            with torch.no_grad():
+                return self._apply_fused_update(grad_output, indices, offsets, weights, pooling_mode)
+        # autograd runs backward with grad mode off: no context manager on the hot path (~2-4 us)
         tt_embedding_bag_backward_fused_(
             grad_output,
             self._core_list(),
