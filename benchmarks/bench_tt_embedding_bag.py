@@ -468,7 +468,7 @@ def profile_tt(tt_mod, src, case, index_dtype, D, device) -> None:
         torch.cuda.synchronize()
     avg = prof.key_averages()
     print(f"\nKernel time of 5 TT steps at B={num_bags}, L={bag}:")
-    print(avg.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
+    print(avg.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=90))
     print(f"\nHost time of the same 5 steps (ops, autograd, CUDA API calls) at B={num_bags}, L={bag}:")
     print(avg.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
 
