@@ -9,10 +9,11 @@
 //   backward: Y = dP += g R^T in registers (same layout as P); X = P^T g per row,
 //            reduce-scattered over the Q1 lanes with the same b; dT_0 = Y G_1^T,
 //            reduce-scattered over the warp. All sums in a fixed order (deterministic).
-// Memory latency: each warp copies the G_2 slices and output-gradient rows of up to 8
-// rows at a time to shared memory with asynchronous copies, all in flight together; the
-// first batch lands while P is computed. (G_1 slices are read through L1: consecutive
-// items share i_1. Copying a block's G_1 slice to shared memory instead was slower, v7b.)
+// Memory latency: each warp copies the G_2 slices of up to 8 rows (and, backward, the
+// output-gradient rows of their first 16 positions) to shared memory with asynchronous
+// copies, all in flight together; the first batch lands while P is computed. (G_1 slices
+// are read through L1: consecutive items share i_1. Copying a block's G_1 slice to shared
+// memory instead was slower: benchmarks/NOTES.md, v7c.)
 // Records written are the ones of the generic item kernel (same layouts), so the
 // slice-gradient reductions are shared.
 #pragma once
