@@ -223,17 +223,37 @@ LONG_RUN_SHAPES = [
     ([4000], [8], [1, 1], 4000),
     ([3, 40, 5], [4, 4, 4], [1, 32, 32, 1], 600),  # fast path, long runs
 ]
+# Fast path with up to 64 distinct rows per item (6 prefixes, 200 last digits): the fast kernels
+# stage an item's rows in several chunks of 8 and its positions' gradient rows 16 at a time.
+MANY_ROWS_FAST = ([2, 3, 200], [4, 4, 4], [1, 32, 32, 1], 1200)
+LONG_RUN_SHAPES.append(MANY_ROWS_FAST)
+
+
+def _skewed_bags(n, nnz, num_bags, dist):
+    ids = torch.randint(0, n, (nnz,)) if dist == "uniform" else zipf_ids(n, nnz)
+    cuts = torch.sort(torch.randint(0, nnz + 1, (num_bags - 1,))).values
+    return ids, torch.cat([torch.tensor([0]), cuts, torch.tensor([nnz])])
 
 
 @pytest.mark.parametrize("shape", LONG_RUN_SHAPES, ids=lambda s: f"p{s[0]}")
 @pytest.mark.parametrize("dist", ["uniform", "zipf"])
 def test_backward_long_runs_and_skew(shape, dist):
-    p, q, ranks, n = shape
-    nnz, num_bags = 6000, 400
-    ids = torch.randint(0, n, (nnz,)) if dist == "uniform" else zipf_ids(n, nnz)
-    cuts = torch.sort(torch.randint(0, nnz + 1, (num_bags - 1,))).values
-    offsets = torch.cat([torch.tensor([0]), cuts, torch.tensor([nnz])])
+    ids, offsets = _skewed_bags(shape[3], 6000, 400, dist)
     _check_backward(_grad_case(shape, ids=ids, offsets=offsets))
+
+
+@pytest.mark.parametrize("dist", ["uniform", "zipf"])
+@pytest.mark.parametrize("mode", [0, 1])
+def test_forward_many_rows_per_item(dist, mode):
+    p, q, ranks, n = MANY_ROWS_FAST
+    ids, offsets = _skewed_bags(n, 6000, 300, dist)
+    cores = make_cores(p, q, ranks)
+    w = torch.rand(ids.numel(), dtype=torch.float64) + 0.5
+    ref = reference.tt_embedding_bag_forward(cores, ids, offsets, w, p, q, ranks, n, mode)
+    out = tt.tt_embedding_bag_forward(
+        to_dev(cores, torch.float32), ids.to(DEV), offsets.to(DEV), w.to(DEV, torch.float32), p, q, ranks, n, mode
+    )
+    assert rel_err(out, ref) < tol(torch.float32)
 
 
 @pytest.mark.parametrize("shape", [SHAPES[3], SHAPES[4]], ids=lambda s: f"p{s[0]}")
@@ -246,7 +266,9 @@ def test_backward_one_hot_id(shape):
 
 # --------------------------------------------------------------------------- fused optimizers
 @pytest.mark.parametrize(
-    "shape", [SHAPES[1], SHAPES[2], SHAPES[3], SHAPES[4], SHAPES[5], LONG_RUN_SHAPES[0]], ids=lambda s: f"p{s[0]}"
+    "shape",
+    [SHAPES[1], SHAPES[2], SHAPES[3], SHAPES[4], SHAPES[5], LONG_RUN_SHAPES[0], MANY_ROWS_FAST],
+    ids=lambda s: f"p{s[0]}",
 )
 @pytest.mark.parametrize("optimizer", [0, 1, 2])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
