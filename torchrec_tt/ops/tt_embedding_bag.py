@@ -103,14 +103,21 @@ def tt_embedding_bag_for_backward(
         >>> out.shape, out.requires_grad
         (torch.Size([1, 4]), False)
     """
-    if torch.compiler.is_compiling():  # traced: no kernel state to keep
-        return tt_embedding_bag(
-            cores, indices, offsets, per_sample_weights, p_shapes, q_shapes, ranks, num_embeddings, pooling_mode
-        )
+    return _run_keeping_batch(
+        _ops.tt_embedding_bag_forward.default,
+        cores, indices, offsets, per_sample_weights, p_shapes, q_shapes, ranks, num_embeddings, pooling_mode,
+    )
+
+
+def _run_keeping_batch(op: Any, *args: Any) -> Tensor:
+    """Runs a forward op below autograd with grad mode on (the CUDA kernels then keep the sorted batch).
+
+    Under ``torch.compile`` the op runs as a plain call: traced, there is no kernel state to keep.
+    """
+    if torch.compiler.is_compiling():
+        return op(*args)
     with torch._C._AutoDispatchBelowAutograd(), torch.enable_grad():
-        return _ops.tt_embedding_bag_forward.default(
-            cores, indices, offsets, per_sample_weights, p_shapes, q_shapes, ranks, num_embeddings, pooling_mode
-        )
+        return op(*args)
 
 
 def tt_embedding_bag_backward(
@@ -250,10 +257,9 @@ def tt_cached_embedding_bag(
     """
     args = (cores, cache_ids, cache_weight, hash_keys, hash_counts, stats, indices, offsets, per_sample_weights,
             p_shapes, q_shapes, ranks, num_embeddings, pooling_mode, max_probes, count)
-    if not for_backward or torch.compiler.is_compiling():
+    if not for_backward:
         return _ops.tt_cached_embedding_bag_forward.default(*args)
-    with torch._C._AutoDispatchBelowAutograd(), torch.enable_grad():
-        return _ops.tt_cached_embedding_bag_forward.default(*args)
+    return _run_keeping_batch(_ops.tt_cached_embedding_bag_forward.default, *args)
 
 
 def tt_cached_embedding_bag_backward_fused_(
