@@ -11,6 +11,8 @@ run in float64 on the CPU; on top of it:
   Zipf-skewed ids;
 * the fused optimizers (SGD, Adagrad, row-wise Adagrad) against the reference step;
 * bitwise determinism (same inputs twice -> same bits);
+* the fast kernels with and without tensor cores (``TORCHREC_TT_CUDA_MMA=0`` and ``=1``
+  in subprocesses);
 * a training step (forward + backward with the fused optimizer) captured in a
   CUDA graph and replayed, bitwise equal to eager steps (so no host sync);
 * ids validated on the device (a bad id aborts with a device-side assert, in a
@@ -321,8 +323,9 @@ def test_fused_matches_reference(shape, optimizer, dtype):
 
 
 # --------------------------------------------------------------------------- determinism
-def test_bitwise_deterministic():
-    p, q, ranks, n = [200, 220, 250], [4, 4, 4], [1, 16, 16, 1], 11_000_000
+@pytest.mark.parametrize("rank", [16, 32], ids=["generic", "fast"])
+def test_bitwise_deterministic(rank):
+    p, q, ranks, n = [200, 220, 250], [4, 4, 4], [1, rank, rank, 1], 11_000_000
     cores = to_dev(make_cores(p, q, ranks, torch.float32), torch.float32)
     ids = zipf_ids(200_000, 40_000).to(DEV) * 37 % n
     offsets = torch.arange(0, 40_001, 20, device=DEV)
@@ -363,8 +366,13 @@ def _make_table(p, q, ranks, n):
     )
 
 
-def test_cuda_graph_training_step():
-    p, q, ranks, n = [50, 60, 70], [4, 4, 2], [1, 8, 8, 1], 200_000
+@pytest.mark.parametrize(
+    "shape",
+    [([50, 60, 70], [4, 4, 2], [1, 8, 8, 1], 200_000), ([50, 60, 70], [4, 4, 4], [1, 32, 32, 1], 200_000)],
+    ids=["generic", "fast"],
+)
+def test_cuda_graph_training_step(shape):
+    p, q, ranks, n = shape
     num_bags, bag = 256, 10
     ids_all = [torch.randint(0, n, (num_bags * bag,), device=DEV) for _ in range(4)]
     offsets = torch.arange(0, num_bags * bag + 1, bag, device=DEV)
@@ -456,6 +464,25 @@ def test_module_backward_reuses_the_forward_sort(shape):
     )
     for a, b in zip([*table.tt_cores, *table.optimizer_states()], cores + state, strict=True):
         assert torch.equal(a.detach(), b)
+
+
+# --------------------------------------------------------------------------- tensor cores on / off
+@pytest.mark.parametrize("mma", ["0", "1"], ids=["fma-only", "tensor-cores-both"])
+def test_fast_kernels_other_mma_modes(mma):
+    # TORCHREC_TT_CUDA_MMA (read once per process; default: tensor cores in the backward
+    # kernel only) = 0: the FMA products in both fast kernels, 1: tensor cores in both. The
+    # tests that reach the fast path run again in a process of their own.
+    env = dict(os.environ, TORCHREC_TT_CUDA_MMA=mma, PYTHONUNBUFFERED="1")
+    select = "(matches_reference or many_rows or long_runs or fused or deterministic or graph or one_hot) and not mma"
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", select],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout, res.stdout[-2000:]
 
 
 # --------------------------------------------------------------------------- device-side validation

@@ -10,12 +10,26 @@
 //            reduce-scattered over the Q1 lanes with the same b; dT_0 = Y G_1^T,
 //            reduce-scattered over the warp. All sums in a fixed order (deterministic).
 // Memory latency: each warp copies the G_2 slices of up to 8 rows (and, backward, the
-// output-gradient rows of their first 16 positions) to shared memory with asynchronous
+// output-gradient rows of their first 16 positions; 4 and 8 in the tensor-core kernels,
+// below) to shared memory with asynchronous
 // copies, all in flight together; the first batch lands while P is computed. (G_1 slices
 // are read through L1: consecutive items share i_1. Copying a block's G_1 slice to shared
 // memory instead was slower: benchmarks/NOTES.md, v7c.)
 // Records written are the ones of the generic item kernel (same layouts), so the
 // slice-gradient reductions are shared.
+//
+// Tensor cores (MMA = true; by default in the backward kernel only, TORCHREC_TT_CUDA_MMA in
+// tt_embedding_bag_cuda.cu; benchmarks/NOTES.md v8 has the measurements): the four
+// items of a warp come in key order, so they nearly always share i_1. Their T_0 slices,
+// stacked, are one 16 x R1 operand (rows item * Q0 + j0), and P of all four is one
+// (16 x R1) x (R1 x 128) product on `mma.m16n8k8` TF32 instructions; backward, dT_0 of all
+// four is one (16 x 128) x (128 x R1) product with the stacked Y. Every operand is split
+// into two TF32 parts (x = hi + lo) and A B = A_lo B_hi + A_hi B_lo + A_hi B_hi ("3xTF32",
+// the dropped A_lo B_lo is ~2^-22 relative): fp32 accuracy, a fixed order of sums
+// (deterministic). Items with another i_1 in the same warp take one more product each,
+// with the other items' rows discarded. P reaches the per-row code, and Y leaves it, through a
+// per-warp shared-memory buffer (16 rows of kPLd floats). A row of a product depends on
+// its row of the stacked operand only, so each product stores the rows of its items.
 #pragma once
 
 #include <cstdint>
@@ -25,8 +39,31 @@ namespace cuda_detail {
 
 constexpr int kFastWarps = 4;
 constexpr int kFastItemsPerWarp = 4;
-constexpr int kStageRows = 8;        // G_2 slices staged per chunk of an item's rows
-constexpr int kStagePositions = 16;  // output-gradient rows staged per chunk (backward)
+// G_2 slices staged per chunk of an item's rows, and output-gradient rows staged per chunk
+// (backward); halved in the tensor-core kernels, whose P / Y buffer takes the room.
+constexpr int stage_rows(bool mma) {
+  return mma ? 4 : 8;
+}
+constexpr int stage_positions(bool mma) {
+  return mma ? 8 : 16;
+}
+
+constexpr int kPLd = 132;  // row stride (floats) of the per-warp P / Y buffer: 16-byte rows, conflict-free P stores
+constexpr int kTLd = 36;   // row stride of the stacked T_0 slices (conflict-free A-fragment loads)
+constexpr int kMmaRows = 16;  // m of mma.m16n8k8: kFastItemsPerWarp items x Q0 rows
+
+// Shared memory of one warp (floats): the P / Y buffer (tensor cores) or the transposed
+// T_0 slice, then the staging area. Seed shapes (S2 = 128, D = 64, Q0 * R1 <= 128).
+constexpr int fast_warp_floats(bool bwd, bool mma) {
+  return (mma ? kMmaRows * kPLd : 128) + stage_rows(mma) * 128 + (bwd ? stage_positions(mma) * 64 : 0);
+}
+
+// Blocks per SM for the tensor-core kernels: the backward's shared memory allows 4 x 50 KB,
+// registers are capped to match (128); the forward's would allow 5 x 42 KB, but 96 registers
+// spill, so 4 (126 registers). The FMA kernels keep the compiler's choice (0).
+constexpr int fast_min_blocks(bool bwd, bool mma) {
+  return mma ? 4 : 0;
+}
 
 struct FastArgs {
   const float* c0;
@@ -92,14 +129,123 @@ __device__ __forceinline__ void cp_async_wait_all() {
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
+// TF32 tensor-core products (sm_80+), see the header comment.
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+}
+
+struct Tf32Pair {
+  uint32_t hi, lo;
+};
+
+__device__ __forceinline__ Tf32Pair split_tf32(float x) {
+  const uint32_t hi = to_tf32(x);
+  return {hi, to_tf32(x - __uint_as_float(hi))};
+}
+
+// d += A B for one m16n8k8 tile: a = {(g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4)},
+// b = {(t, g), (t + 4, g)}, d = {(g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)} with
+// g = lane / 4, t = lane % 4 ((row, column) of A, B and D).
+__device__ __forceinline__ void mma_tf32(
+    float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// A B to fp32 accuracy, as big + small: big += A_hi B_hi, small += A_lo B_hi + A_hi B_lo
+// (two accumulators: shorter chains of dependent mma instructions).
+__device__ __forceinline__ void mma_3xtf32(
+    float (&big)[4], float (&small)[4], const Tf32Pair (&a)[4], Tf32Pair b0, Tf32Pair b1) {
+  mma_tf32(small, a[0].lo, a[1].lo, a[2].lo, a[3].lo, b0.hi, b1.hi);
+  mma_tf32(big, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b0.hi, b1.hi);
+  mma_tf32(small, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b0.lo, b1.lo);
+}
+
 // Position of float4 `f` of a staged G_2 slice: lane l reads float4s 4(l % 8) + c,
 // c = 0..3; the XOR spreads the 8 lanes of a quarter-warp over all 8 bank groups.
 __device__ __forceinline__ int g2_swizzle(int f) {
   return f ^ ((f >> 3) & 3);
 }
 
-template <int Q0, int R1, int R2, int Q2, bool BWD>
-__global__ void __launch_bounds__(kFastWarps * 32) tt_fast_item_kernel(const FastArgs a) {
+// P = T_0 G_1 with the G_1 slice g1 (R1 x N1) for all 16 rows of the stacked operand; the
+// rows of the items that use g1 are stored (lo_in: the lane's row g, hi_in: row g + 8) into
+// `pys` (a row of the product depends on that row of T_0 only).
+// af: the A fragments of the stacked T_0, per k-step of 8. Column map: n-tile 4 ag + q,
+// column nn <-> P column 32 ag + 4 nn + q, so a lane's B fragments of four tiles are one
+// float4 of G_1 and its results two float4s of a row of P.
+template <int R1, int N1>
+__device__ __forceinline__ void mma_prefix_product(
+    const Tf32Pair (&af)[R1 / 8][4], bool lo_in, bool hi_in, const float* g1, float* pys, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll 1
+  for (int ag = 0; ag < N1 / 32; ++ag) {
+    float d[4][4] = {}, e[4][4] = {};
+#pragma unroll
+    for (int s = 0; s < R1 / 8; ++s) {
+      const float4 b0 = __ldg(reinterpret_cast<const float4*>(g1 + (8 * s + t) * N1 + 32 * ag + 4 * g));
+      const float4 b1 = __ldg(reinterpret_cast<const float4*>(g1 + (8 * s + t + 4) * N1 + 32 * ag + 4 * g));
+      mma_3xtf32(d[0], e[0], af[s], split_tf32(b0.x), split_tf32(b1.x));
+      mma_3xtf32(d[1], e[1], af[s], split_tf32(b0.y), split_tf32(b1.y));
+      mma_3xtf32(d[2], e[2], af[s], split_tf32(b0.z), split_tf32(b1.z));
+      mma_3xtf32(d[3], e[3], af[s], split_tf32(b0.w), split_tf32(b1.w));
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) d[q][i] += e[q][i];
+    if (lo_in) {
+      float* row = pys + g * kPLd + 32 * ag + 8 * t;
+      *reinterpret_cast<float4*>(row) = make_float4(d[0][0], d[1][0], d[2][0], d[3][0]);
+      *reinterpret_cast<float4*>(row + 4) = make_float4(d[0][1], d[1][1], d[2][1], d[3][1]);
+    }
+    if (hi_in) {
+      float* row = pys + (g + 8) * kPLd + 32 * ag + 8 * t;
+      *reinterpret_cast<float4*>(row) = make_float4(d[0][2], d[1][2], d[2][2], d[3][2]);
+      *reinterpret_cast<float4*>(row + 4) = make_float4(d[0][3], d[1][3], d[2][3], d[3][3]);
+    }
+  }
+}
+
+// dT_0 = Y G_1^T (Y in `pys`, rows as in mma_prefix_product); the kept rows are written to
+// dt_lo[r] (row g) and dt_hi[r] (row g + 8), r < R1. K map: k-step 2j (2j + 1), slot t
+// and t + 4 <-> columns 16j + 4t + 0 and + 1 (+ 2 and + 3): a lane's fragments of two
+// k-steps are one float4 of a Y row and one of a G_1 row.
+template <int R1, int N1>
+__device__ __forceinline__ void mma_prefix_grad(
+    bool lo_in, bool hi_in, const float* g1, const float* pys, float* dt_lo, float* dt_hi, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  // accumulators per n-tile: [0] / [1] the k-steps 2j / 2j + 1, big / small parts
+  float d[R1 / 8][2][4] = {}, e[R1 / 8][2][4] = {};
+#pragma unroll 2
+  for (int j = 0; j < N1 / 16; ++j) {
+    const float4 y0 = *reinterpret_cast<const float4*>(pys + g * kPLd + 16 * j + 4 * t);
+    const float4 y1 = *reinterpret_cast<const float4*>(pys + (g + 8) * kPLd + 16 * j + 4 * t);
+    const Tf32Pair ae[4] = {split_tf32(y0.x), split_tf32(y1.x), split_tf32(y0.y), split_tf32(y1.y)};
+    const Tf32Pair ao[4] = {split_tf32(y0.z), split_tf32(y1.z), split_tf32(y0.w), split_tf32(y1.w)};
+#pragma unroll
+    for (int nt = 0; nt < R1 / 8; ++nt) {
+      const float4 bv = __ldg(reinterpret_cast<const float4*>(g1 + (8 * nt + g) * N1 + 16 * j + 4 * t));
+      mma_3xtf32(d[nt][0], e[nt][0], ae, split_tf32(bv.x), split_tf32(bv.y));
+      mma_3xtf32(d[nt][1], e[nt][1], ao, split_tf32(bv.z), split_tf32(bv.w));
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < R1 / 8; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) d[nt][0][i] = (d[nt][0][i] + d[nt][1][i]) + (e[nt][0][i] + e[nt][1][i]);
+#pragma unroll
+  for (int nt = 0; nt < R1 / 8; ++nt) {
+    if (lo_in) *reinterpret_cast<float2*>(dt_lo + 8 * nt + 2 * t) = make_float2(d[nt][0][0], d[nt][0][1]);
+    if (hi_in) *reinterpret_cast<float2*>(dt_hi + 8 * nt + 2 * t) = make_float2(d[nt][0][2], d[nt][0][3]);
+  }
+}
+
+template <int Q0, int R1, int R2, int Q2, bool BWD, bool MMA>
+__global__ void __launch_bounds__(kFastWarps * 32, fast_min_blocks(BWD, MMA)) tt_fast_item_kernel(const FastArgs a) {
   constexpr int N1 = 128;       // q1 * r2
   constexpr int Q1 = N1 / R2;
   constexpr int G = R2 / 4;     // lanes of one j1
@@ -109,20 +255,36 @@ __global__ void __launch_bounds__(kFastWarps * 32) tt_fast_item_kernel(const Fas
   static_assert((Q0 * Q2) % G == 0 && (4 * Q2) % Q1 == 0, "fast path shapes");
   // staging: a G_2 slice is one float4 per lane, an output-gradient row 16 float4
   static_assert(S2 == 128 && D == 64, "staged fast path shapes");
-  constexpr int KR = kStageRows;
-  constexpr int KP = BWD ? kStagePositions : 0;
-  constexpr int kStageFloats = KR * S2 + KP * D;
+  constexpr int KR = stage_rows(MMA);
+  constexpr int KP = BWD ? stage_positions(MMA) : 0;
+  static_assert(KR * S2 + KP * D + (MMA ? kMmaRows * kPLd : R1 * Q0) <= fast_warp_floats(BWD, MMA), "smem plan");
+  static_assert(!MMA || (kFastItemsPerWarp * Q0 == kMmaRows && R1 <= kTLd && N1 % 32 == 0), "tensor-core shapes");
   constexpr unsigned kAll = 0xffffffffu;
-  __shared__ __align__(16) float t0s_all[kFastWarps][R1 * Q0];
-  __shared__ __align__(16) float stage_all[kFastWarps][kStageFloats];
+  extern __shared__ __align__(16) float fast_smem[];
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-  float* const t0s = t0s_all[wid];
-  float* const g2s = stage_all[wid];  // [KR][S2], float4s swizzled (g2_swizzle)
+  float* const wbuf = fast_smem + wid * fast_warp_floats(BWD, MMA);
+  float* const t0s = wbuf;  // FMA path: T_0 transposed [R1][Q0]
+  float* const pys = wbuf;  // tensor cores: P, then Y, of the warp's items [16][kPLd]
+  float* const g2s = wbuf + (MMA ? kMmaRows * kPLd : R1 * Q0);  // [KR][S2], float4s swizzled (g2_swizzle)
   float* const gos = g2s + KR * S2;   // [KP][D] (backward)
   const int nitems = a.counts[0];
   const int it0 = (blockIdx.x * kFastWarps + wid) * kFastItemsPerWarp;
   const int it1 = min(it0 + kFastItemsPerWarp, nitems);
   const int j1 = (4 * lane) / R2, b0 = (4 * lane) % R2;
+  // tensor cores: the warp's items as slots of the stacked operand, and their i_1 digits
+  const int nslots = it1 - it0;
+  const int d1_slot = MMA && lane < nslots ? a.item_d1[it0 + lane] : -1;
+  // Per run of equal i_1 among the slots: fn(G_1 slice, lane's row g kept, row g + 8 kept).
+  auto for_each_run = [&](auto&& fn) {
+    for (int ra = 0; ra < nslots;) {
+      const int dr = __shfl_sync(kAll, d1_slot, ra);
+      int rb = ra + 1;
+      while (rb < nslots && __shfl_sync(kAll, d1_slot, rb) == dr) ++rb;  // warp-uniform
+      const int slot_lo = (lane >> 2) / Q0, slot_hi = (8 + (lane >> 2)) / Q0;
+      fn(a.c1 + static_cast<int64_t>(dr) * S1, slot_lo >= ra && slot_lo < rb, slot_hi >= ra && slot_hi < rb);
+      ra = rb;
+    }
+  };
   for (int it = it0; it < it1; ++it) {
     const float* g0 = a.c0 + static_cast<int64_t>(a.item_d0[it]) * S0;
     const float* g1 = a.c1 + static_cast<int64_t>(a.item_d1[it]) * S1;
@@ -178,31 +340,72 @@ __global__ void __launch_bounds__(kFastWarps * 32) tt_fast_item_kernel(const Fas
     };
     stage(0);  // lands while P is computed
     __syncwarp();
-    if (lane < R1) {
-#pragma unroll
-      for (int j0 = 0; j0 < Q0; ++j0) {
-        const float v = __ldg(g0 + j0 * R1 + lane);
-        t0s[lane * Q0 + j0] = v;
-        if (BWD) a.tbuf1[static_cast<int64_t>(it) * S0 + j0 * R1 + lane] = v;
-      }
-    }
-    __syncwarp();
     // P = T_0 G_1: acc[j0][c] for the lane's 4 columns.
     float acc[Q0][4];
+    if constexpr (MMA) {
+      if (it == it0) {  // P of all the warp's items on tensor cores
+        float* const ts = pys;  // stacked T_0 [16][kTLd], read into registers before P is stored
 #pragma unroll
-    for (int j0 = 0; j0 < Q0; ++j0)
+        for (int i = 0; i < kFastItemsPerWarp; ++i) {
+          if (lane < R1) {
+            const float* g0i = a.c0 + static_cast<int64_t>(i < nslots ? a.item_d0[it0 + i] : 0) * S0;
 #pragma unroll
-      for (int c = 0; c < 4; ++c) acc[j0][c] = 0.f;
-#pragma unroll 8
-    for (int r = 0; r < R1; ++r) {
-      const float4 bv = __ldg(reinterpret_cast<const float4*>(g1 + r * N1) + lane);
-      const float4 tv = *reinterpret_cast<const float4*>(t0s + r * Q0);
-      const float t[4] = {tv.x, tv.y, tv.z, tv.w};
-      const float b[4] = {bv.x, bv.y, bv.z, bv.w};
+            for (int j0 = 0; j0 < Q0; ++j0) {
+              const float v = i < nslots ? __ldg(g0i + j0 * R1 + lane) : 0.f;
+              ts[(i * Q0 + j0) * kTLd + lane] = v;
+              if (BWD && i < nslots) a.tbuf1[static_cast<int64_t>(it0 + i) * S0 + j0 * R1 + lane] = v;
+            }
+          }
+        }
+        __syncwarp();
+        const int g = lane >> 2, t = lane & 3;
+        Tf32Pair af[R1 / 8][4];
+#pragma unroll
+        for (int s = 0; s < R1 / 8; ++s) {
+          af[s][0] = split_tf32(ts[g * kTLd + 8 * s + t]);
+          af[s][1] = split_tf32(ts[(g + 8) * kTLd + 8 * s + t]);
+          af[s][2] = split_tf32(ts[g * kTLd + 8 * s + t + 4]);
+          af[s][3] = split_tf32(ts[(g + 8) * kTLd + 8 * s + t + 4]);
+        }
+        __syncwarp();
+        for_each_run([&](const float* g1r, bool lo_in, bool hi_in) {
+          mma_prefix_product<R1, N1>(af, lo_in, hi_in, g1r, pys, lane);
+        });
+        __syncwarp();
+      }
+#pragma unroll
+      for (int j0 = 0; j0 < Q0; ++j0) {
+        const float4 v = *reinterpret_cast<const float4*>(pys + ((it - it0) * Q0 + j0) * kPLd + 4 * lane);
+        acc[j0][0] = v.x;
+        acc[j0][1] = v.y;
+        acc[j0][2] = v.z;
+        acc[j0][3] = v.w;
+      }
+    } else {
+      if (lane < R1) {
+#pragma unroll
+        for (int j0 = 0; j0 < Q0; ++j0) {
+          const float v = __ldg(g0 + j0 * R1 + lane);
+          t0s[lane * Q0 + j0] = v;
+          if (BWD) a.tbuf1[static_cast<int64_t>(it) * S0 + j0 * R1 + lane] = v;
+        }
+      }
+      __syncwarp();
 #pragma unroll
       for (int j0 = 0; j0 < Q0; ++j0)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) acc[j0][c] = fmaf(t[j0], b[c], acc[j0][c]);
+        for (int c = 0; c < 4; ++c) acc[j0][c] = 0.f;
+#pragma unroll 8
+      for (int r = 0; r < R1; ++r) {
+        const float4 bv = __ldg(reinterpret_cast<const float4*>(g1 + r * N1) + lane);
+        const float4 tv = *reinterpret_cast<const float4*>(t0s + r * Q0);
+        const float t[4] = {tv.x, tv.y, tv.z, tv.w};
+        const float b[4] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+        for (int j0 = 0; j0 < Q0; ++j0)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[j0][c] = fmaf(t[j0], b[c], acc[j0][c]);
+      }
     }
 
     float y[Q0][4];
@@ -305,29 +508,47 @@ __global__ void __launch_bounds__(kFastWarps * 32) tt_fast_item_kernel(const Fas
       __syncwarp();  // every lane done with the chunk before the next staging
     }
     if constexpr (BWD) {
-      // dT_1 = Y; dT_0 = Y G_1^T (sum over all 128 columns: warp reduce-scatter).
+      // dT_1 = Y; dT_0 = Y G_1^T (sum over all 128 columns: tensor cores after the last
+      // item, or a warp reduce-scatter here).
       float* d1 = a.dtbuf1 + static_cast<int64_t>(it) * Q0 * N1 + 4 * lane;
 #pragma unroll
       for (int j0 = 0; j0 < Q0; ++j0) {
         *reinterpret_cast<float4*>(d1 + j0 * N1) = make_float4(y[j0][0], y[j0][1], y[j0][2], y[j0][3]);
       }
-      float* d0 = a.dtbuf0 + static_cast<int64_t>(it) * S0;
+      if constexpr (MMA) {  // Y joins the warp's stacked operand (its P rows are done with)
 #pragma unroll
-      for (int ab = 0; ab < R1; ab += 8) {
-        float v[8 * Q0];
-#pragma unroll
-        for (int al = 0; al < 8; ++al) {
-          const float4 bv = __ldg(reinterpret_cast<const float4*>(g1 + (ab + al) * N1) + lane);
-#pragma unroll
-          for (int j0 = 0; j0 < Q0; ++j0) {
-            v[al * Q0 + j0] = fmaf(y[j0][0], bv.x, fmaf(y[j0][1], bv.y, fmaf(y[j0][2], bv.z, y[j0][3] * bv.w)));
-          }
+        for (int j0 = 0; j0 < Q0; ++j0) {
+          *reinterpret_cast<float4*>(pys + ((it - it0) * Q0 + j0) * kPLd + 4 * lane) =
+              make_float4(y[j0][0], y[j0][1], y[j0][2], y[j0][3]);
         }
-        ReduceScatter<8 * Q0, 16, 1>::run(v, lane);
-        const int idx = scatter_base<8 * Q0, 16, 1>(lane);
-        d0[(idx % Q0) * R1 + ab + idx / Q0] = v[0];
+      } else {
+        float* d0 = a.dtbuf0 + static_cast<int64_t>(it) * S0;
+#pragma unroll
+        for (int ab = 0; ab < R1; ab += 8) {
+          float v[8 * Q0];
+#pragma unroll
+          for (int al = 0; al < 8; ++al) {
+            const float4 bv = __ldg(reinterpret_cast<const float4*>(g1 + (ab + al) * N1) + lane);
+#pragma unroll
+            for (int j0 = 0; j0 < Q0; ++j0) {
+              v[al * Q0 + j0] = fmaf(y[j0][0], bv.x, fmaf(y[j0][1], bv.y, fmaf(y[j0][2], bv.z, y[j0][3] * bv.w)));
+            }
+          }
+          ReduceScatter<8 * Q0, 16, 1>::run(v, lane);
+          const int idx = scatter_base<8 * Q0, 16, 1>(lane);
+          d0[(idx % Q0) * R1 + ab + idx / Q0] = v[0];
+        }
       }
     }
+  }
+  if constexpr (MMA && BWD) {  // dT_0 of all the warp's items on tensor cores
+    __syncwarp();
+    const int g = lane >> 2;
+    float* const dt_lo = a.dtbuf0 + static_cast<int64_t>(it0 + g / Q0) * S0 + (g % Q0) * R1;
+    float* const dt_hi = a.dtbuf0 + static_cast<int64_t>(it0 + (g + 8) / Q0) * S0 + ((g + 8) % Q0) * R1;
+    for_each_run([&](const float* g1r, bool lo_in, bool hi_in) {
+      mma_prefix_grad<R1, N1>(lo_in, hi_in, g1r, pys, dt_lo, dt_hi, lane);
+    });
   }
 }
 

@@ -32,7 +32,8 @@
 // No float atomics anywhere: same inputs give the same bits.
 // The forward leaves its sorted batch for the backward of the same tensors (step 1-3
 // done once per training step). Environment: TORCHREC_TT_CUDA_FAST=0 (generic kernels
-// only), TORCHREC_TT_CUDA_REUSE=0 (no forward -> backward reuse).
+// only), TORCHREC_TT_CUDA_REUSE=0 (no forward -> backward reuse), TORCHREC_TT_CUDA_MMA
+// (tensor cores in the fast item kernels: bwd (default), fwd, 1 (both) or 0).
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -545,6 +546,38 @@ __global__ void tt_pool_kernel(
     }
     if (mean && o1 > o0) s = s * (acc_t(1) / static_cast<acc_t>(o1 - o0));
     out[b * D + e] = static_cast<scalar_t>(s);
+  }
+}
+
+// tt_pool_kernel for float tables with D % 4 == 0: one float4 of a bag per thread (a
+// quarter of the threads and loads), the same sums in the same order.
+__global__ void tt_pool4_kernel(
+    const float4* __restrict__ rowbuf,
+    const int32_t* __restrict__ posmap,
+    const int64_t* __restrict__ offsets,
+    int64_t num_bags,
+    int D4,
+    const float* __restrict__ psw,
+    int mean,
+    float4* __restrict__ out) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (b >= num_bags) return;
+  const int64_t o0 = offsets[b], o1 = offsets[b + 1];
+  for (int e = threadIdx.x; e < D4; e += blockDim.x) {
+    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int64_t l = o0; l < o1; ++l) {
+      const float w = psw != nullptr ? psw[l] : 1.f;
+      const float4 v = rowbuf[static_cast<int64_t>(posmap[l]) * D4 + e];
+      s.x += w * v.x;
+      s.y += w * v.y;
+      s.z += w * v.z;
+      s.w += w * v.w;
+    }
+    if (mean && o1 > o0) {
+      const float inv = 1.f / static_cast<float>(o1 - o0);
+      s = make_float4(s.x * inv, s.y * inv, s.z * inv, s.w * inv);
+    }
+    out[b * D4 + e] = s;
   }
 }
 
@@ -1373,9 +1406,34 @@ unsigned fast_grid(int64_t max_items) {
   return grid_1d(max_items, kFastWarps * kFastItemsPerWarp);
 }
 
+// Tensor cores in the fast kernels (tt_cuda_fast.cuh), TORCHREC_TT_CUDA_MMA: bwd (the default):
+// the backward item kernel only; fwd: the forward only; 1: both; 0: neither (FMA kernels).
+// The forward is faster without them (benchmarks/NOTES.md, v8).
+bool fast_mma(bool bwd) {
+  static const int mode = [] {
+    const char* e = std::getenv("TORCHREC_TT_CUDA_MMA");
+    if (e == nullptr) return 2;
+    if (std::strcmp(e, "1") == 0) return 3;
+    if (std::strcmp(e, "0") == 0) return 0;
+    if (std::strcmp(e, "fwd") == 0) return 1;
+    if (std::strcmp(e, "bwd") == 0) return 2;
+    TORCH_CHECK_VALUE(false, "TORCHREC_TT_CUDA_MMA must be 0, 1, fwd or bwd, got '", e, "'");
+  }();
+  return (mode & (bwd ? 2 : 1)) != 0;
+}
+
 template <bool BWD>
-void launch_fast_items(const FastArgs& f, int64_t max_items, cudaStream_t stream) {
-  tt_fast_item_kernel<4, 32, 32, 4, BWD><<<fast_grid(max_items), kFastWarps * 32, 0, stream>>>(f);
+void launch_fast_items(const char* op, const FastArgs& f, int64_t max_items, int device, cudaStream_t stream) {
+  auto launch = [&](auto kernel, bool mma) {
+    const size_t bytes = sizeof(float) * kFastWarps * fast_warp_floats(BWD, mma);
+    prepare_smem(op, kernel, bytes, device);
+    kernel<<<fast_grid(max_items), kFastWarps * 32, bytes, stream>>>(f);
+  };
+  if (fast_mma(BWD)) {
+    launch(tt_fast_item_kernel<4, 32, 32, 4, BWD, true>, true);
+  } else {
+    launch(tt_fast_item_kernel<4, 32, 32, 4, BWD, false>, false);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1389,7 +1447,7 @@ at::Tensor compute_rows(const char* op, const TTDims& t, const std::vector<at::T
         fast_path_ok(t, cores[0].scalar_type(), {cores[0].const_data_ptr(), cores[1].const_data_ptr(), cores[2].const_data_ptr()})) {
       FastArgs f = fast_args(cores, bt);
       f.rowbuf = rowbuf.mutable_data_ptr<float>();
-      launch_fast_items<false>(f, bt.max_items, stream);
+      launch_fast_items<false>(op, f, bt.max_items, cores[0].get_device(), stream);
       return rowbuf;
     }
   }
@@ -1552,11 +1610,24 @@ at::Tensor run_forward(
       }
     }
     if (num_bags > 0) {
+      const int mean = pooling_mode == static_cast<int64_t>(PoolingMode::MEAN) ? 1 : 0;
+      const acc_t* w = psw.defined() ? psw.const_data_ptr<acc_t>() : nullptr;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (t.D % 4 == 0) {  // acc_t is float; rowbuf and out are fresh allocations: 16-byte aligned
+          const int D4 = static_cast<int>(t.D / 4);
+          const dim3 block(std::min(D4, 32), std::max(1, 256 / std::min(D4, 32)));
+          tt_pool4_kernel<<<grid_1d(num_bags, block.y), block, 0, stream>>>(
+              reinterpret_cast<const float4*>(rowbuf.const_data_ptr<float>()), bt.posmap,
+              offsets.const_data_ptr<int64_t>(), num_bags, D4, reinterpret_cast<const float*>(w), mean,
+              reinterpret_cast<float4*>(out.mutable_data_ptr<float>()));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          return;
+        }
+      }
       const dim3 block = rows_block(t.D);
       tt_pool_kernel<scalar_t, acc_t><<<grid_1d(num_bags, block.y), block, 0, stream>>>(
-          rowbuf.const_data_ptr<acc_t>(), bt.posmap, offsets.const_data_ptr<int64_t>(),
-          num_bags, t.D, psw.defined() ? psw.const_data_ptr<acc_t>() : nullptr,
-          pooling_mode == static_cast<int64_t>(PoolingMode::MEAN) ? 1 : 0, out.mutable_data_ptr<scalar_t>());
+          rowbuf.const_data_ptr<acc_t>(), bt.posmap, offsets.const_data_ptr<int64_t>(), num_bags, t.D, w, mean,
+          out.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -1770,7 +1841,7 @@ void run_backward(
       f.tbuf1 = tbuf[1];
       f.dtbuf0 = dtbuf[0];
       f.dtbuf1 = dtbuf[1];
-      launch_fast_items<true>(f, bt.max_items, stream);
+      launch_fast_items<true>(op, f, bt.max_items, device, stream);
       fast = true;
     }
   }
