@@ -525,59 +525,47 @@ __global__ void __launch_bounds__(kThreads) tt_item_kernel(const ItemArgs<scalar
   }
 }
 
-template <typename scalar_t, typename acc_t>
+// s += w * v and s *= w for the pooling kernel's accumulators: one acc_t, or a float4 of four
+// (float tables with D % 4 == 0: a quarter of the threads and loads, the same sums in the same order).
+template <typename acc_t>
+__device__ __forceinline__ void pool_axpy(acc_t& s, acc_t w, acc_t v) {
+  s += w * v;
+}
+__device__ __forceinline__ void pool_axpy(float4& s, float w, float4 v) {
+  s.x += w * v.x;
+  s.y += w * v.y;
+  s.z += w * v.z;
+  s.w += w * v.w;
+}
+template <typename acc_t>
+__device__ __forceinline__ void pool_scale(acc_t& s, acc_t w) {
+  s = s * w;
+}
+__device__ __forceinline__ void pool_scale(float4& s, float w) {
+  s = make_float4(s.x * w, s.y * w, s.z * w, s.w * w);
+}
+
+// out[b] = sum over the bag's positions of w * row (mean: / bag size); D counts vec_t elements.
+template <typename vec_t, typename out_t, typename acc_t>
 __global__ void tt_pool_kernel(
-    const acc_t* __restrict__ rowbuf,
+    const vec_t* __restrict__ rowbuf,
     const int32_t* __restrict__ posmap,
     const int64_t* __restrict__ offsets,
     int64_t num_bags,
     int D,
     const acc_t* __restrict__ psw,
     int mean,
-    scalar_t* __restrict__ out) {
+    out_t* __restrict__ out) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (b >= num_bags) return;
   const int64_t o0 = offsets[b], o1 = offsets[b + 1];
   for (int e = threadIdx.x; e < D; e += blockDim.x) {
-    acc_t s = acc_t(0);
+    vec_t s{};
     for (int64_t l = o0; l < o1; ++l) {
-      const acc_t w = psw != nullptr ? psw[l] : acc_t(1);
-      s += w * rowbuf[static_cast<int64_t>(posmap[l]) * D + e];
+      pool_axpy(s, psw != nullptr ? psw[l] : acc_t(1), rowbuf[static_cast<int64_t>(posmap[l]) * D + e]);
     }
-    if (mean && o1 > o0) s = s * (acc_t(1) / static_cast<acc_t>(o1 - o0));
-    out[b * D + e] = static_cast<scalar_t>(s);
-  }
-}
-
-// tt_pool_kernel for float tables with D % 4 == 0: one float4 of a bag per thread (a
-// quarter of the threads and loads), the same sums in the same order.
-__global__ void tt_pool4_kernel(
-    const float4* __restrict__ rowbuf,
-    const int32_t* __restrict__ posmap,
-    const int64_t* __restrict__ offsets,
-    int64_t num_bags,
-    int D4,
-    const float* __restrict__ psw,
-    int mean,
-    float4* __restrict__ out) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
-  if (b >= num_bags) return;
-  const int64_t o0 = offsets[b], o1 = offsets[b + 1];
-  for (int e = threadIdx.x; e < D4; e += blockDim.x) {
-    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int64_t l = o0; l < o1; ++l) {
-      const float w = psw != nullptr ? psw[l] : 1.f;
-      const float4 v = rowbuf[static_cast<int64_t>(posmap[l]) * D4 + e];
-      s.x += w * v.x;
-      s.y += w * v.y;
-      s.z += w * v.z;
-      s.w += w * v.w;
-    }
-    if (mean && o1 > o0) {
-      const float inv = 1.f / static_cast<float>(o1 - o0);
-      s = make_float4(s.x * inv, s.y * inv, s.z * inv, s.w * inv);
-    }
-    out[b * D4 + e] = s;
+    if (mean && o1 > o0) pool_scale(s, acc_t(1) / static_cast<acc_t>(o1 - o0));
+    out[b * D + e] = static_cast<out_t>(s);
   }
 }
 
@@ -1616,7 +1604,7 @@ at::Tensor run_forward(
         if (t.D % 4 == 0) {  // acc_t is float; rowbuf and out are fresh allocations: 16-byte aligned
           const int D4 = static_cast<int>(t.D / 4);
           const dim3 block(std::min(D4, 32), std::max(1, 256 / std::min(D4, 32)));
-          tt_pool4_kernel<<<grid_1d(num_bags, block.y), block, 0, stream>>>(
+          tt_pool_kernel<float4, float4, float><<<grid_1d(num_bags, block.y), block, 0, stream>>>(
               reinterpret_cast<const float4*>(rowbuf.const_data_ptr<float>()), bt.posmap,
               offsets.const_data_ptr<int64_t>(), num_bags, D4, reinterpret_cast<const float*>(w), mean,
               reinterpret_cast<float4*>(out.mutable_data_ptr<float>()));
@@ -1625,7 +1613,7 @@ at::Tensor run_forward(
         }
       }
       const dim3 block = rows_block(t.D);
-      tt_pool_kernel<scalar_t, acc_t><<<grid_1d(num_bags, block.y), block, 0, stream>>>(
+      tt_pool_kernel<acc_t, scalar_t, acc_t><<<grid_1d(num_bags, block.y), block, 0, stream>>>(
           rowbuf.const_data_ptr<acc_t>(), bt.posmap, offsets.const_data_ptr<int64_t>(), num_bags, t.D, w, mean,
           out.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
