@@ -32,6 +32,7 @@ import textwrap
 
 import pytest
 import torch
+from cuda_graph_replay import assert_graph_replay_matches_eager
 
 import torchrec_tt
 from torchrec_tt.ops import reference
@@ -405,30 +406,9 @@ def test_cuda_graph_training_step(shape):
 
         params = lambda m: m[0] + m[1]  # noqa: E731
 
-    static_ids = ids_all[0].clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (allocator, smem attributes) on a side stream
-        step(twin, ids_all[0])
-    torch.cuda.current_stream().wait_stream(side)
-    twin_init = [x.clone() for x in params(twin)]
-    # reset the twin's and the table's state to the same start
-    for dst, src in zip(params(table), twin_init, strict=True):
-        dst.copy_(src)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step(table, static_ids)
-    # capture does not run the step; reset again to be safe
-    for dst, src in zip(params(table), twin_init, strict=True):
-        dst.copy_(src)
-    for ids in ids_all:
-        static_ids.copy_(ids)
-        graph.replay()
-        step(twin, ids)
-    torch.cuda.synchronize()
-    for a, b in zip(params(table), params(twin), strict=True):
-        assert torch.equal(a, b)
-    assert not torch.equal(params(table)[0], twin_init[0])
+    start_core = params(table)[0].clone()
+    assert_graph_replay_matches_eager(step, table, twin, params, ids_all)
+    assert not torch.equal(params(table)[0], start_core)
 
 
 def _kernel_launches(prof, name: str) -> int:

@@ -649,6 +649,16 @@ __device__ __forceinline__ const ReduceArgs<scalar_t, acc_t>& reduce_core(const 
 // 4096 elements, 32 per thread).
 constexpr int kUnroll = 4;
 
+// v[u] = src[x0 + u * kThreads] (0 past S): the kUnroll loads of a thread, issued together.
+template <typename acc_t>
+__device__ __forceinline__ void load_unrolled(acc_t (&v)[kUnroll], const acc_t* src, int x0, int S) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int x = x0 + u * kThreads;
+    v[u] = x < S ? src[x] : acc_t(0);
+  }
+}
+
 // The slice `dg` of the core gets its gradient g (S values in shared memory), once.
 template <typename scalar_t, typename acc_t>
 __device__ void finalize_slice(const ReduceArgs<scalar_t, acc_t>& a, int dg, const acc_t* g, acc_t* red) {
@@ -904,20 +914,12 @@ __global__ void __launch_bounds__(kThreads) tt_reduce_tail_kernel(const __grid_c
   for (int x0 = tid; x0 < a.S; x0 += kThreads * kUnroll) {
     // partials summed in chunk order, kUnroll elements per thread and two chunks in flight
     acc_t s[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int x = x0 + u * kThreads;
-      s[u] = x < a.S ? a.pl[static_cast<int64_t>(j) * a.S + x] : acc_t(0);
-    }
+    load_unrolled(s, a.pl + static_cast<int64_t>(j) * a.S, x0, a.S);
     int jj = j + 1;
     for (; jj + 2 <= jend; jj += 2) {
       acc_t v[kUnroll], w[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int x = x0 + u * kThreads;
-        v[u] = x < a.S ? a.pf[static_cast<int64_t>(jj) * a.S + x] : acc_t(0);
-        w[u] = x < a.S ? a.pf[static_cast<int64_t>(jj + 1) * a.S + x] : acc_t(0);
-      }
+      load_unrolled(v, a.pf + static_cast<int64_t>(jj) * a.S, x0, a.S);
+      load_unrolled(w, a.pf + static_cast<int64_t>(jj + 1) * a.S, x0, a.S);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         s[u] += v[u];
@@ -925,11 +927,10 @@ __global__ void __launch_bounds__(kThreads) tt_reduce_tail_kernel(const __grid_c
       }
     }
     if (jj < jend) {
+      acc_t v[kUnroll];
+      load_unrolled(v, a.pf + static_cast<int64_t>(jj) * a.S, x0, a.S);
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int x = x0 + u * kThreads;
-        s[u] += x < a.S ? a.pf[static_cast<int64_t>(jj) * a.S + x] : acc_t(0);
-      }
+      for (int u = 0; u < kUnroll; ++u) s[u] += v[u];
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
