@@ -55,6 +55,8 @@ SHAPES = [
     ([6, 7, 9], [4, 4, 4], [1, 32, 32, 1], 370),  # seed q and ranks: the fast warp kernels (float32)
     ([2, 3, 2, 9], [2, 1, 2, 2], [1, 2, 3, 2, 1], 100),
     ([2, 2, 3, 2, 5], [1, 2, 2, 1, 2], [1, 2, 2, 3, 2, 1], 110),
+    # generic kernels; core 2 (r = 32, n = 128) has its T^T dT sums on tensor cores, T a product
+    ([3, 4, 5, 70], [2, 4, 4, 2], [1, 16, 32, 32, 1], 4000),
 ]
 LENGTHS = [0, 3, 1, 0, 5, 2, 0, 4, 0, 20, 1, 7]
 
@@ -229,7 +231,10 @@ LONG_RUN_SHAPES = [
 # Fast path with up to 64 distinct rows per item (6 prefixes, 200 last digits): the fast kernels
 # stage an item's rows in several chunks of 8 and its positions' gradient rows 16 at a time.
 MANY_ROWS_FAST = ([2, 3, 200], [4, 4, 4], [1, 32, 32, 1], 1200)
-LONG_RUN_SHAPES.append(MANY_ROWS_FAST)
+# Fast path with ~200 items per digit of core 1: its runs cross reduction chunks, so the tail
+# kernel sums their 16 KB partials (split over several blocks, except row-wise Adagrad).
+LONG_CORE1_FAST = ([200, 3, 5], [4, 4, 4], [1, 32, 32, 1], 3000)
+LONG_RUN_SHAPES += [MANY_ROWS_FAST, LONG_CORE1_FAST]
 
 
 def _skewed_bags(n, nnz, num_bags, dist):
@@ -270,7 +275,7 @@ def test_backward_one_hot_id(shape):
 # --------------------------------------------------------------------------- fused optimizers
 @pytest.mark.parametrize(
     "shape",
-    [SHAPES[1], SHAPES[2], SHAPES[3], SHAPES[4], SHAPES[5], LONG_RUN_SHAPES[0], MANY_ROWS_FAST],
+    [SHAPES[1], SHAPES[2], SHAPES[3], SHAPES[4], SHAPES[5], LONG_RUN_SHAPES[0], MANY_ROWS_FAST, LONG_CORE1_FAST],
     ids=lambda s: f"p{s[0]}",
 )
 @pytest.mark.parametrize("optimizer", [0, 1, 2])

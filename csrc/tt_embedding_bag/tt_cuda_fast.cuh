@@ -16,7 +16,8 @@
 // are read through L1: consecutive items share i_1. Copying a block's G_1 slice to shared
 // memory instead was slower: benchmarks/NOTES.md, v7c.)
 // Records written are the ones of the generic item kernel (same layouts), so the
-// slice-gradient reductions are shared.
+// slice-gradient reductions are shared; but the backward writes no T_0 record (a copy of
+// the G_0 slice): the middle core's reduction reads G_0[i_0] from core 0 itself.
 //
 // Tensor cores (MMA = true; by default in the backward kernel only, TORCHREC_TT_CUDA_MMA in
 // tt_embedding_bag_cuda.cu; benchmarks/NOTES.md v8 has the measurements): the four
@@ -80,7 +81,6 @@ struct FastArgs {
   const int32_t* sbag;
   const float* sscale;
   float* xbuf;    // [urows, R2*Q2]
-  float* tbuf1;   // [items, Q0*R1] (T_0 = slice of core 0)
   float* dtbuf0;  // [items, Q0*R1]
   float* dtbuf1;  // [items, Q0*128]
 };
@@ -351,9 +351,7 @@ __global__ void __launch_bounds__(kFastWarps * 32, fast_min_blocks(BWD, MMA)) tt
             const float* g0i = a.c0 + static_cast<int64_t>(i < nslots ? a.item_d0[it0 + i] : 0) * S0;
 #pragma unroll
             for (int j0 = 0; j0 < Q0; ++j0) {
-              const float v = i < nslots ? __ldg(g0i + j0 * R1 + lane) : 0.f;
-              ts[(i * Q0 + j0) * kTLd + lane] = v;
-              if (BWD && i < nslots) a.tbuf1[static_cast<int64_t>(it0 + i) * S0 + j0 * R1 + lane] = v;
+              ts[(i * Q0 + j0) * kTLd + lane] = i < nslots ? __ldg(g0i + j0 * R1 + lane) : 0.f;
             }
           }
         }
@@ -385,9 +383,7 @@ __global__ void __launch_bounds__(kFastWarps * 32, fast_min_blocks(BWD, MMA)) tt
       if (lane < R1) {
 #pragma unroll
         for (int j0 = 0; j0 < Q0; ++j0) {
-          const float v = __ldg(g0 + j0 * R1 + lane);
-          t0s[lane * Q0 + j0] = v;
-          if (BWD) a.tbuf1[static_cast<int64_t>(it) * S0 + j0 * R1 + lane] = v;
+          t0s[lane * Q0 + j0] = __ldg(g0 + j0 * R1 + lane);
         }
       }
       __syncwarp();

@@ -614,7 +614,9 @@ struct ReduceArgs {
   const int32_t* count;     // device count of items
   const int32_t* digits;    // digit per sorted item
   const int32_t* perm;      // sorted position -> item (null: identity)
-  const acc_t* tbuf;
+  const acc_t* tbuf;        // T per item; with tdig: the core whose slice tdig[item] is T
+  const int32_t* tdig;      // null, or the digit of the previous core per item (fast path,
+                            // loaded with the chunk's items: no extra latency per staging)
   const acc_t* dtbuf;
   acc_t* pf;                // per chunk: partial of a run begun in an earlier chunk
   acc_t* pl;                // per chunk: partial of a run that goes on in later chunks
@@ -714,11 +716,11 @@ __device__ void finalize_slice(const ReduceArgs<scalar_t, acc_t>& a, int dg, con
   }
 }
 
-// Copies nb (<= kNI) rows of sz elements, row r from src + items[r] * sz, into dst
-// (contiguous). All loads of a thread are issued before its stores: one memory
-// latency per call instead of one per element.
-template <typename acc_t>
-__device__ __forceinline__ void stage_rows(acc_t* dst, const acc_t* __restrict__ src, int sz, const int* items, int nb) {
+// Copies nb (<= kNI) rows of sz elements, row r from row(r), into dst (contiguous).
+// All loads of a thread are issued before its stores: one memory latency per call
+// instead of one per element.
+template <typename acc_t, typename RowFn>
+__device__ __forceinline__ void stage_rows(acc_t* dst, RowFn row, int sz, int nb) {
   if constexpr (sizeof(acc_t) == 4) {
     if ((sz & 3) == 0) {
       const int v = sz >> 2;
@@ -726,7 +728,7 @@ __device__ __forceinline__ void stage_rows(acc_t* dst, const acc_t* __restrict__
         float4 buf[kNI];
 #pragma unroll
         for (int r = 0; r < kNI; ++r) {
-          if (r < nb) buf[r] = reinterpret_cast<const float4*>(src + static_cast<int64_t>(items[r]) * sz)[x];
+          if (r < nb) buf[r] = reinterpret_cast<const float4*>(row(r))[x];
         }
 #pragma unroll
         for (int r = 0; r < kNI; ++r) {
@@ -740,7 +742,7 @@ __device__ __forceinline__ void stage_rows(acc_t* dst, const acc_t* __restrict__
     acc_t buf[kNI];
 #pragma unroll
     for (int r = 0; r < kNI; ++r) {
-      if (r < nb) buf[r] = src[static_cast<int64_t>(items[r]) * sz + x];
+      if (r < nb) buf[r] = row(r)[x];
     }
 #pragma unroll
     for (int r = 0; r < kNI; ++r) {
@@ -757,7 +759,8 @@ __device__ __forceinline__ void stage_rows(acc_t* dst, const acc_t* __restrict__
 // Items, then q, in order: deterministic.
 template <typename scalar_t, typename acc_t>
 __device__ void reduce_t_32x128(
-    const ReduceArgs<scalar_t, acc_t>& a, const int* items, int count, acc_t* acc, acc_t* ts, acc_t* dts) {
+    const ReduceArgs<scalar_t, acc_t>& a, const int* items, const int* trows, int count, acc_t* acc, acc_t* ts,
+    acc_t* dts) {
   static_assert(kThreads == 128, "4 warps x 8 rows");
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int Q = a.Q;
@@ -768,8 +771,8 @@ __device__ void reduce_t_32x128(
     for (int c = 0; c < 4; ++c) r[ra][c] = 0.f;
   for (int i0 = 0; i0 < count; i0 += kNI) {
     const int nb = min(kNI, count - i0);
-    stage_rows<acc_t>(ts, a.tbuf, Q * 32, items + i0, nb);
-    stage_rows<acc_t>(dts, a.dtbuf, Q * 128, items + i0, nb);
+    stage_rows<acc_t>(ts, [&](int r) { return a.tbuf + static_cast<int64_t>(trows[i0 + r]) * Q * 32; }, Q * 32, nb);
+    stage_rows<acc_t>(dts, [&](int r) { return a.dtbuf + static_cast<int64_t>(items[i0 + r]) * Q * 128; }, Q * 128, nb);
     __syncthreads();
     for (int j = 0; j < nb * Q; ++j) {  // j = item * Q + q
       const float4 d = *reinterpret_cast<const float4*>(dts + j * 128 + 4 * lane);
@@ -793,7 +796,7 @@ __device__ void reduce_t_32x128(
 }
 
 // What a reduction kernel instantiation sums per slice (one launch per kind).
-enum ReduceKind : int { kPlainSum = 0, kGemmT = 1, kFastT = 2 };
+enum ReduceKind : int { kPlainSum = 0, kGemmT = 1, kFastT = 2, kNumReduceKinds = 3 };
 // Blocks per SM the register-tiled T^T dT sums are compiled for: 6 caps them at 80
 // registers (24 warps per SM instead of 16 at 128; a few bytes spill), 3-4% faster steps.
 constexpr int kFastTMinBlocks = 6;
@@ -806,6 +809,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) tt_reduce_kernel(const _
   // digits[s0 - 1 .. s1] and the items of the chunk, loaded once (no serial global loads)
   __shared__ int sdig[kReduceChunk + 2];
   __shared__ int sitem[kReduceChunk];
+  __shared__ int strow[KIND == kPlainSum ? 1 : kReduceChunk];  // the row of tbuf with the item's T
   int blk = 0;
   const ReduceArgs<scalar_t, acc_t>& a = reduce_core(m, &blk);
   const int n = *a.count;
@@ -816,7 +820,11 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) tt_reduce_kernel(const _
   if (tid < kReduceChunk + 2) {
     const int i = s0 - 1 + tid;
     sdig[tid] = (i >= 0 && i < n && i <= s1) ? a.digits[i] : -1;
-    if (tid >= 1 && i < s1) sitem[tid - 1] = a.perm != nullptr ? a.perm[i] : i;
+    if (tid >= 1 && i < s1) {
+      const int item = a.perm != nullptr ? a.perm[i] : i;
+      sitem[tid - 1] = item;
+      if constexpr (KIND != kPlainSum) strow[tid - 1] = a.tdig != nullptr ? a.tdig[item] : item;
+    }
   }
   __syncthreads();
   const int* dig = sdig + 1 - s0;  // dig[i] for i in [s0 - 1, s1]
@@ -845,7 +853,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) tt_reduce_kernel(const _
       }
     } else if constexpr (KIND == kFastT) {
       if constexpr (std::is_same_v<acc_t, float>) {
-        reduce_t_32x128(a, sitem + (pos - s0), e - pos, acc, sm + a.sm_ts, sm + a.sm_dts);
+        reduce_t_32x128(a, sitem + (pos - s0), strow + (pos - s0), e - pos, acc, sm + a.sm_ts, sm + a.sm_dts);
       }
     } else {
       for (int x = tid; x < a.S; x += kThreads) acc[x] = acc_t(0);
@@ -854,8 +862,9 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) tt_reduce_kernel(const _
       acc_t* const dts = sm + a.sm_dts;
       for (int i0 = pos; i0 < e; i0 += kNI) {
         const int nb = min(kNI, e - i0);
-        stage_rows<acc_t>(ts, a.tbuf, tsz, sitem + (i0 - s0), nb);
-        stage_rows<acc_t>(dts, a.dtbuf, dsz, sitem + (i0 - s0), nb);
+        const int *const it = sitem + (i0 - s0), *const tr = strow + (i0 - s0);
+        stage_rows<acc_t>(ts, [&](int r) { return a.tbuf + static_cast<int64_t>(tr[r]) * tsz; }, tsz, nb);
+        stage_rows<acc_t>(dts, [&](int r) { return a.dtbuf + static_cast<int64_t>(it[r]) * dsz; }, dsz, nb);
         __syncthreads();
         // acc (r_k x n_k) += sum_items T^T (r_k x Q) dT (Q x n_k)
         block_gemm<acc_t>(a.rk, a.nk, nb * a.Q, ts, 1, a.rk, dts, a.nk, acc, a.nk, true, sm + a.sm_scratch);
@@ -1352,29 +1361,20 @@ ItemArgs<scalar_t, acc_t> item_args(const TTDims& t, const std::vector<at::Tenso
   return a;
 }
 
-// The fast warp-per-item kernels (tt_cuda_fast.cuh) serve 3-core float32 tables
-// with q_0 = q_2 = 4, r_1 = r_2 = 32, q_1 = 4 (the seed shapes); others take the
-// generic block kernels. TORCHREC_TT_CUDA_FAST=0 forces the generic ones.
-bool fast_shape_ok(const TTDims& t, at::ScalarType st) {
+// The fast warp-per-item kernels (tt_cuda_fast.cuh) serve 3-core float32 tables with
+// q_0 = q_2 = 4, r_1 = r_2 = 32, q_1 = 4 (the seed shapes) whose cores (and `grad_out`, the
+// backward's output gradient) are 16-byte aligned (float4 loads); others take the generic
+// block kernels. TORCHREC_TT_CUDA_FAST=0 forces the generic ones.
+bool fast_path_ok(const TTDims& t, const std::vector<at::Tensor>& cores, const void* grad_out = nullptr) {
   static const bool enabled = [] {
     const char* e = std::getenv("TORCHREC_TT_CUDA_FAST");
     return !(e != nullptr && std::strcmp(e, "0") == 0);
   }();
-  return enabled && st == at::kFloat && t.d == 3 && t.q[0] == 4 && t.r[1] == 32 && t.q[1] == 4 && t.r[2] == 32 &&
-      t.q[2] == 4;
-}
-
-bool fast_path_ok(const TTDims& t, at::ScalarType st, std::initializer_list<const void*> ptrs) {
-  static const bool enabled = [] {
-    const char* e = std::getenv("TORCHREC_TT_CUDA_FAST");
-    return !(e != nullptr && std::strcmp(e, "0") == 0);
-  }();
-  if (!enabled || st != at::kFloat || t.d != 3) return false;
+  if (!enabled || cores[0].scalar_type() != at::kFloat || t.d != 3) return false;
   if (!(t.q[0] == 4 && t.r[1] == 32 && t.q[1] == 4 && t.r[2] == 32 && t.q[2] == 4)) return false;
-  for (const void* p : ptrs) {
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
-  }
-  return true;
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return aligned(cores[0].const_data_ptr()) && aligned(cores[1].const_data_ptr()) &&
+      aligned(cores[2].const_data_ptr()) && aligned(grad_out);
 }
 
 FastArgs fast_args(const std::vector<at::Tensor>& cores, const Batch& bt) {
@@ -1431,9 +1431,7 @@ template <typename scalar_t, typename acc_t>
 at::Tensor compute_rows(const char* op, const TTDims& t, const std::vector<at::Tensor>& cores, const Batch& bt, cudaStream_t stream) {
   at::Tensor rowbuf = at::empty({bt.max_urows, t.D}, cores[0].options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   if constexpr (std::is_same_v<scalar_t, float>) {
-    // (the shape test first: cores[1], cores[2] exist only for 3 cores)
-    if (fast_shape_ok(t, cores[0].scalar_type()) &&
-        fast_path_ok(t, cores[0].scalar_type(), {cores[0].const_data_ptr(), cores[1].const_data_ptr(), cores[2].const_data_ptr()})) {
+    if (fast_path_ok(t, cores)) {
       FastArgs f = fast_args(cores, bt);
       f.rowbuf = rowbuf.mutable_data_ptr<float>();
       launch_fast_items<false>(op, f, bt.max_items, cores[0].get_device(), stream);
@@ -1783,9 +1781,14 @@ void run_backward(
   }
   Arena ar;
   ar.add(&xbuf, bt.max_urows * t.S[L]);
+  // the fast item kernels write no T record for core 1: its reduction reads core 0
+  bool fast = false;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    fast = fast_path_ok(t, cores, go.const_data_ptr());
+  }
   for (int k = 0; k < L; ++k) {
     ar.add(&dtbuf[k], bt.max_items * int64_t{t.Q[k]} * t.n[k]);
-    if (k >= 1) ar.add(&tbuf[k], bt.max_items * int64_t{t.Q[k]} * t.r[k]);
+    if (k >= 1 && !(fast && k == 1)) ar.add(&tbuf[k], bt.max_items * int64_t{t.Q[k]} * t.r[k]);
   }
   ar.add(&iota, max_n);
   for (int k = 0; k < d; ++k) {
@@ -1817,24 +1820,18 @@ void run_backward(
     a.dtbuf[k] = dtbuf[k];
     a.tbuf[k] = tbuf[k];
   }
-  bool fast = false;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (fast_shape_ok(t, cores[0].scalar_type()) &&
-        fast_path_ok(t, cores[0].scalar_type(),
-                     {cores[0].const_data_ptr(), cores[1].const_data_ptr(), cores[2].const_data_ptr(), go.const_data_ptr()})) {
+  if (fast) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
       FastArgs f = fast_args(cores, bt);
       f.grad_out = go.const_data_ptr<float>();
       f.sbag = bt.sbag;
       f.sscale = static_cast<const float*>(bt.sscale);
       f.xbuf = xbuf;
-      f.tbuf1 = tbuf[1];
       f.dtbuf0 = dtbuf[0];
       f.dtbuf1 = dtbuf[1];
       launch_fast_items<true>(op, f, bt.max_items, device, stream);
-      fast = true;
     }
-  }
-  if (!fast) {
+  } else {
     int64_t elems = 0;
     a.sm = plan_items(t, true, &elems);
     const size_t bytes = static_cast<size_t>(elems) * sizeof(acc_t);
@@ -1882,8 +1879,8 @@ void run_backward(
   // each kind compiled with its own register budget; the runs that cross chunks in one
   // more launch for all cores.
   const int sdt = state.empty() ? kStateFloat : state_dtype_code(state[0].scalar_type());
-  ReduceLaunch<scalar_t, acc_t> kind_launch[3]{};
-  size_t kind_bytes[3] = {0, 0, 0};
+  ReduceLaunch<scalar_t, acc_t> kind_launch[kNumReduceKinds]{};
+  size_t kind_bytes[kNumReduceKinds] = {};
   ReduceLaunch<scalar_t, acc_t> tl{};
   size_t tail_bytes = 0;
   int tail_blocks = 0;
@@ -1895,9 +1892,8 @@ void run_backward(
     // of D-element slices
     const bool is_cache = k == d;
     const bool has_T = k >= 1 && k < L;
-    const int kind = !has_T ? kPlainSum
-        : std::is_same_v<acc_t, float> && t.r[k] == 32 && t.n[k] == 128 ? kFastT
-                                                                         : kGemmT;
+    const bool fast_t = std::is_same_v<acc_t, float> && has_T && t.r[k] == 32 && t.n[k] == 128;
+    const int kind = !has_T ? kPlainSum : fast_t ? kFastT : kGemmT;
     const int S = is_cache ? t.D : t.S[k];
     ReduceArgs<scalar_t, acc_t> r{};
     r.Q = is_cache ? 1 : t.Q[k];
@@ -1908,6 +1904,12 @@ void run_backward(
     r.digits = is_cache ? hdig : sorted_keys[k];
     r.perm = is_cache ? nullptr : perms[k];
     r.tbuf = has_T ? tbuf[k] : nullptr;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (fast && k == 1) {  // T_0 = G_0[i_0], read from core 0 (updated after this reduction)
+        r.tbuf = cores[0].const_data_ptr<scalar_t>();
+        r.tdig = bt.item_dig[0];
+      }
+    }
     r.dtbuf = is_cache ? hbuf : k == L ? xbuf : dtbuf[k];
     r.pf = pf[k];
     r.pl = pl[k];
@@ -1943,8 +1945,8 @@ void run_backward(
     }
     r.sm_red = sp.take(kThreads + 4);
     const int64_t nb = ceil_div(is_cache ? bt.max_urows : nkeys[k], kReduceChunk);
-    TORCH_CHECK(tail_blocks + nb < INT_MAX, op, ": too many reduction blocks");
     ReduceLaunch<scalar_t, acc_t>& kl = kind_launch[kind];
+    TORCH_CHECK(kl.block0[kl.ncores] + nb < INT_MAX, op, ": too many reduction blocks");
     kl.r[kl.ncores] = r;
     kl.block0[kl.ncores + 1] = kl.block0[kl.ncores] + static_cast<int>(nb);
     ++kl.ncores;
@@ -1956,14 +1958,16 @@ void run_backward(
     tail_bytes = std::max(tail_bytes, static_cast<size_t>(tp.off) * sizeof(acc_t));
     tl.r[k] = r;
     tl.block0[k] = tail_blocks;
+    TORCH_CHECK(tail_blocks + nb < INT_MAX, op, ": too many reduction blocks");
     tail_blocks += static_cast<int>(nb);
     tl.block0[k + 1] = tail_blocks;
   }
   tl.ncores = nentries;
-  const decltype(&tt_reduce_kernel<scalar_t, acc_t, kPlainSum>) kernels[3] = {
+  const decltype(&tt_reduce_kernel<scalar_t, acc_t, kPlainSum>) kernels[kNumReduceKinds] = {
       tt_reduce_kernel<scalar_t, acc_t, kPlainSum>, tt_reduce_kernel<scalar_t, acc_t, kGemmT>,
       tt_reduce_kernel<scalar_t, acc_t, kFastT, kFastTMinBlocks>};
-  for (int kind = 0; kind < 3; ++kind) {
+  // the middle cores first: core 1 of the fast path reads core 0, which the plain sums update
+  for (const int kind : {kFastT, kGemmT, kPlainSum}) {
     const ReduceLaunch<scalar_t, acc_t>& kl = kind_launch[kind];
     if (kl.ncores == 0) continue;
     prepare_smem(op, kernels[kind], kind_bytes[kind], device);
