@@ -31,15 +31,33 @@
 // with the other items' rows discarded. P reaches the per-row code, and Y leaves it, through a
 // per-warp shared-memory buffer (16 rows of kPLd floats). A row of a product depends on
 // its row of the stacked operand only, so each product stores the rows of its items.
+//
+// The tensor-core backward also sums core 1's slice gradients (no dT_1 records, no
+// reduction launch for core 1): a block of kFusedWarps warps holds 32 consecutive items,
+// the reduction chunk of the slice-gradient kernels (tt_embedding_bag_cuda.cu). When its
+// warps are done, every run of equal i_1 among them gets sum T_0^T Y (R1 x 128, K = 4
+// rows per item) on tensor cores, warp w computing columns 16w..16w+15, and is handled
+// like the reduction kernel handles a run of its chunk: finalised (gradient or optimizer
+// update, from registers) when it begins and ends in the block, else written as the
+// chunk's partial for the tail kernel. Finalising here is safe: only this block's items
+// read those G_1 slices, and it has read them all.
 #pragma once
 
 #include <cstdint>
 
+#include "tt_cuda_update.cuh"
+
 namespace torchrec_tt {
 namespace cuda_detail {
 
-constexpr int kFastWarps = 4;
 constexpr int kFastItemsPerWarp = 4;
+// Warps per block: 4, or in the tensor-core backward (core 1's sums fused, see above) 8, so
+// that a block holds one 32-item reduction chunk.
+constexpr int kFusedWarps = 8;
+constexpr int kFusedItems = kFusedWarps * kFastItemsPerWarp;
+constexpr int fast_warps(bool bwd, bool mma) {
+  return bwd && mma ? kFusedWarps : 4;
+}
 // G_2 slices staged per chunk of an item's rows, and output-gradient rows staged per chunk
 // (backward); halved in the tensor-core kernels, whose P / Y buffer takes the room.
 constexpr int stage_rows(bool mma) {
@@ -59,11 +77,12 @@ constexpr int fast_warp_floats(bool bwd, bool mma) {
   return (mma ? kMmaRows * kPLd : 128) + stage_rows(mma) * 128 + (bwd ? stage_positions(mma) * 64 : 0);
 }
 
-// Blocks per SM for the tensor-core kernels: the backward's shared memory allows 4 x 50 KB,
-// registers are capped to match (128); the forward's would allow 5 x 42 KB, but 96 registers
-// spill, so 4 (126 registers). The FMA kernels keep the compiler's choice (0).
+// Blocks per SM for the tensor-core kernels: the backward's shared memory allows 2 x 100 KB
+// (8 warps), registers are capped to match (128); the forward's would allow 5 x 42 KB (4
+// warps), but 96 registers spill, so 4 (126 registers). The FMA kernels keep the compiler's
+// choice (0).
 constexpr int fast_min_blocks(bool bwd, bool mma) {
-  return mma ? 4 : 0;
+  return mma ? (bwd ? 2 : 4) : 0;
 }
 
 struct FastArgs {
@@ -82,7 +101,8 @@ struct FastArgs {
   const float* sscale;
   float* xbuf;    // [urows, R2*Q2]
   float* dtbuf0;  // [items, Q0*R1]
-  float* dtbuf1;  // [items, Q0*128]
+  float* dtbuf1;  // [items, Q0*128] (FMA backward; the tensor-core one sums core 1 itself)
+  ReduceArgs<float, float> r1;  // tensor-core backward: core 1's reduction (chunks of kFusedItems)
 };
 
 // Reduce-scatter of N values over the lanes that differ in bits OFF, OFF/2, ..,
@@ -244,8 +264,117 @@ __device__ __forceinline__ void mma_prefix_grad(
   }
 }
 
+// The fused core-1 sums' A operand (T_0^T, R1 = 32 x 16 rows per warp), stored by each warp in
+// fragment order, split into TF32 parts: per k-step sl (rows 8 sl .. 8 sl + 7) and part (hi,
+// lo), a float4 per m-tile and lane holding that lane's (a0, a1, a2, a3): one conflict-free
+// 16-byte load each. Written once per warp, read by all NW warps (no splitting there).
+constexpr int kStackFloats = 2 * 2 * 2 * 32 * 4;  // [sl][part][mt][lane][4]
+
+// The warp's stack: lane (g, t) loads the 16 values of its fragments straight from core 0
+// (k-row 8 sl + 4 u + t is row j0 = t of slot 2 sl + u; columns g, g + 8, g + 16, g + 24).
+template <int R1, int S0>
+__device__ __forceinline__ void store_t0_stack(const float* c0, int d0_slot, int nslots, float* stack, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  float v[4][4];  // [slot][m-column: g, g + 8, g + 16, g + 24]
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int d0 = __shfl_sync(0xffffffffu, d0_slot, i);
+    const float* row = c0 + static_cast<int64_t>(d0) * S0 + t * R1 + g;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) v[i][c] = i < nslots ? __ldg(row + 8 * c) : 0.f;
+  }
+#pragma unroll
+  for (int sl = 0; sl < 2; ++sl)
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      // (a0, a1, a2, a3) = (slot 2sl, col m), (2sl, m + 8), (2sl + 1, m), (2sl + 1, m + 8), m = 16 mt + g
+      const Tf32Pair p[4] = {split_tf32(v[2 * sl][2 * mt]), split_tf32(v[2 * sl][2 * mt + 1]),
+                             split_tf32(v[2 * sl + 1][2 * mt]), split_tf32(v[2 * sl + 1][2 * mt + 1])};
+      float* const dst = stack + ((sl * 2) * 2 + mt) * 128 + 4 * lane;
+      *reinterpret_cast<uint4*>(dst) = make_uint4(p[0].hi, p[1].hi, p[2].hi, p[3].hi);
+      *reinterpret_cast<uint4*>(dst + 256) = make_uint4(p[0].lo, p[1].lo, p[2].lo, p[3].lo);
+    }
+}
+
+// Core 1's slice gradients from the block's items (tensor-core backward, see the header):
+// per run of equal i_1 among the nb items of chunk blk, G = sum T_0^T Y (R1 x N1), then
+// finalised or written as a chunk partial. smem: the warps' buffers (WF floats each: Y rows
+// [16][kPLd], then the A stack of store_t0_stack); sd1: digits of the items s0 - 1 .. s0 + nb
+// (-1 outside the batch). K map: k-step s = rows 8s..8s+7 = items 2s (slot t) and 2s + 1
+// (slot t + 4). N map: n-tile nt, column nn <-> column 16 w + 2 nn + nt, so a lane's B
+// fragments of both tiles are one float2 of a Y row and its results one float4 of each of its
+// 4 rows of G.
+template <int R1, int N1, int NW, int WF>
+__device__ void fused_core1_sums(
+    const ReduceArgs<float, float>& r, const float* smem, const int* sd1, int blk, int nb, float* red, int lane, int wid) {
+  static_assert(R1 == 32 && N1 == 16 * NW && kMmaRows * kPLd + kStackFloats <= WF, "fused core-1 shapes");
+  const int g = lane >> 2, t = lane & 3;
+  int off[16];  // the lane's elements of G: rows 16 mt + 8 h + g, columns 16 w + 4 t + c
+#pragma unroll
+  for (int i = 0; i < 16; ++i) off[i] = (8 * (i / 4) + g) * N1 + 16 * wid + 4 * t + i % 4;
+  for (int ra = 0; ra < nb;) {  // runs of equal i_1 (block-uniform)
+    const int dg = sd1[1 + ra];
+    int rb = ra + 1;
+    while (rb < nb && sd1[1 + rb] == dg) ++rb;
+    float d[2][2][4] = {}, e[2][2][4] = {};
+    for (int s = ra / 2; s < (rb + 1) / 2; ++s) {
+      const bool in0 = 2 * s >= ra, in1 = 2 * s + 1 < rb;  // items 2s, 2s + 1 in the run (uniform)
+      const float* const ys = smem + (s >> 1) * WF;
+      const float* const st = ys + kMmaRows * kPLd + (s & 1) * 512 + 4 * lane;
+      const int lr = 8 * (s & 1) + t;  // the warp's Y row of slot t; lr + 4: slot t + 4
+      Tf32Pair af[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        const uint4 hi = *reinterpret_cast<const uint4*>(st + mt * 128);
+        const uint4 lo = *reinterpret_cast<const uint4*>(st + 256 + mt * 128);
+        af[mt][0] = {hi.x, lo.x};
+        af[mt][1] = {hi.y, lo.y};
+        af[mt][2] = {hi.z, lo.z};
+        af[mt][3] = {hi.w, lo.w};
+        if (!(in0 && in1)) {  // a run's first or last k-step: the other item's rows out
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            if (j < 2 ? !in0 : !in1) af[mt][j] = {0u, 0u};
+          }
+        }
+      }
+      const float2 zero = make_float2(0.f, 0.f);
+      const float2 y0 = in0 ? *reinterpret_cast<const float2*>(ys + lr * kPLd + 16 * wid + 2 * g) : zero;
+      const float2 y1 = in1 ? *reinterpret_cast<const float2*>(ys + (lr + 4) * kPLd + 16 * wid + 2 * g) : zero;
+      const Tf32Pair b00 = split_tf32(y0.x), b01 = split_tf32(y1.x), b10 = split_tf32(y0.y), b11 = split_tf32(y1.y);
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        mma_3xtf32(d[mt][0], e[mt][0], af[mt], b00, b01);
+        mma_3xtf32(d[mt][1], e[mt][1], af[mt], b10, b11);
+      }
+    }
+    float v[16];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int nt = c & 1, i = 2 * h + (c >> 1);  // column 4t + c: tile nt, fragment element i
+          v[8 * mt + 4 * h + c] = d[mt][nt][i] + e[mt][nt][i];
+        }
+    const bool gstart = sd1[ra] != dg, gend = sd1[1 + rb] != dg;
+    if (gstart && gend) {
+      finalize_held<NW * 32>(r, dg, off, v, red);
+    } else {
+      float* const dst = (gstart ? r.pl : r.pf) + static_cast<int64_t>(blk) * r.S;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        *reinterpret_cast<float4*>(dst + off[4 * q]) = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+      }
+    }
+    ra = rb;
+  }
+}
+
 template <int Q0, int R1, int R2, int Q2, bool BWD, bool MMA>
-__global__ void __launch_bounds__(kFastWarps * 32, fast_min_blocks(BWD, MMA)) tt_fast_item_kernel(const FastArgs a) {
+__global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD, MMA))
+    tt_fast_item_kernel(const FastArgs a) {
   constexpr int N1 = 128;       // q1 * r2
   constexpr int Q1 = N1 / R2;
   constexpr int G = R2 / 4;     // lanes of one j1
@@ -260,7 +389,11 @@ __global__ void __launch_bounds__(kFastWarps * 32, fast_min_blocks(BWD, MMA)) tt
   static_assert(KR * S2 + KP * D + (MMA ? kMmaRows * kPLd : R1 * Q0) <= fast_warp_floats(BWD, MMA), "smem plan");
   static_assert(!MMA || (kFastItemsPerWarp * Q0 == kMmaRows && R1 <= kTLd && N1 % 32 == 0), "tensor-core shapes");
   constexpr unsigned kAll = 0xffffffffu;
+  constexpr int NW = fast_warps(BWD, MMA);
+  constexpr bool FUSED = BWD && MMA;  // core 1's sums in this kernel
   extern __shared__ __align__(16) float fast_smem[];
+  __shared__ int sd1[FUSED ? kFusedItems + 2 : 1];  // i_1 of the block's items, and of both neighbours
+  __shared__ float sred[FUSED ? NW * 32 + 4 : 1];
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
   float* const wbuf = fast_smem + wid * fast_warp_floats(BWD, MMA);
   float* const t0s = wbuf;  // FMA path: T_0 transposed [R1][Q0]
@@ -268,12 +401,21 @@ __global__ void __launch_bounds__(kFastWarps * 32, fast_min_blocks(BWD, MMA)) tt
   float* const g2s = wbuf + (MMA ? kMmaRows * kPLd : R1 * Q0);  // [KR][S2], float4s swizzled (g2_swizzle)
   float* const gos = g2s + KR * S2;   // [KP][D] (backward)
   const int nitems = a.counts[0];
-  const int it0 = (blockIdx.x * kFastWarps + wid) * kFastItemsPerWarp;
+  if constexpr (FUSED) {
+    static_assert(NW * kFastItemsPerWarp == kFusedItems, "a block is one reduction chunk");
+    if (static_cast<int>(blockIdx.x) * kFusedItems >= nitems) return;  // block-uniform
+    if (threadIdx.x < kFusedItems + 2) {
+      const int i = static_cast<int>(blockIdx.x) * kFusedItems - 1 + threadIdx.x;
+      sd1[threadIdx.x] = i >= 0 && i < nitems ? a.item_d1[i] : -1;
+    }
+  }
+  const int it0 = (blockIdx.x * NW + wid) * kFastItemsPerWarp;
   const int it1 = min(it0 + kFastItemsPerWarp, nitems);
   const int j1 = (4 * lane) / R2, b0 = (4 * lane) % R2;
   // tensor cores: the warp's items as slots of the stacked operand, and their i_1 digits
   const int nslots = it1 - it0;
   const int d1_slot = MMA && lane < nslots ? a.item_d1[it0 + lane] : -1;
+  const int d0_slot = MMA && lane < nslots ? a.item_d0[it0 + lane] : 0;
   // Per run of equal i_1 among the slots: fn(G_1 slice, lane's row g kept, row g + 8 kept).
   auto for_each_run = [&](auto&& fn) {
     for (int ra = 0; ra < nslots;) {
@@ -347,8 +489,8 @@ __global__ void __launch_bounds__(kFastWarps * 32, fast_min_blocks(BWD, MMA)) tt
         float* const ts = pys;  // stacked T_0 [16][kTLd], read into registers before P is stored
 #pragma unroll
         for (int i = 0; i < kFastItemsPerWarp; ++i) {
+          const float* g0i = a.c0 + static_cast<int64_t>(__shfl_sync(kAll, d0_slot, i)) * S0;
           if (lane < R1) {
-            const float* g0i = a.c0 + static_cast<int64_t>(i < nslots ? a.item_d0[it0 + i] : 0) * S0;
 #pragma unroll
             for (int j0 = 0; j0 < Q0; ++j0) {
               ts[(i * Q0 + j0) * kTLd + lane] = i < nslots ? __ldg(g0i + j0 * R1 + lane) : 0.f;
@@ -506,10 +648,12 @@ __global__ void __launch_bounds__(kFastWarps * 32, fast_min_blocks(BWD, MMA)) tt
     if constexpr (BWD) {
       // dT_1 = Y; dT_0 = Y G_1^T (sum over all 128 columns: tensor cores after the last
       // item, or a warp reduce-scatter here).
-      float* d1 = a.dtbuf1 + static_cast<int64_t>(it) * Q0 * N1 + 4 * lane;
+      if constexpr (!FUSED) {
+        float* d1 = a.dtbuf1 + static_cast<int64_t>(it) * Q0 * N1 + 4 * lane;
 #pragma unroll
-      for (int j0 = 0; j0 < Q0; ++j0) {
-        *reinterpret_cast<float4*>(d1 + j0 * N1) = make_float4(y[j0][0], y[j0][1], y[j0][2], y[j0][3]);
+        for (int j0 = 0; j0 < Q0; ++j0) {
+          *reinterpret_cast<float4*>(d1 + j0 * N1) = make_float4(y[j0][0], y[j0][1], y[j0][2], y[j0][3]);
+        }
       }
       if constexpr (MMA) {  // Y joins the warp's stacked operand (its P rows are done with)
 #pragma unroll
@@ -545,6 +689,12 @@ __global__ void __launch_bounds__(kFastWarps * 32, fast_min_blocks(BWD, MMA)) tt
     for_each_run([&](const float* g1r, bool lo_in, bool hi_in) {
       mma_prefix_grad<R1, N1>(lo_in, hi_in, g1r, pys, dt_lo, dt_hi, lane);
     });
+    // the A operand of the core-1 sums into the warp's staging area, which it is done with
+    store_t0_stack<R1, S0>(a.c0, d0_slot, nslots, g2s, lane);
+    __syncthreads();
+    const int blk = blockIdx.x, s0 = blk * kFusedItems;
+    fused_core1_sums<R1, N1, NW, fast_warp_floats(BWD, MMA)>(
+        a.r1, fast_smem, sd1, blk, min(kFusedItems, nitems - s0), sred, lane, wid);
   }
 }
 

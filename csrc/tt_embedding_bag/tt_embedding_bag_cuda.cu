@@ -61,6 +61,7 @@
 #include "torchrec_tt/tt_checks.h"
 #include "tt_cuda_common.cuh"
 #include "tt_cuda_fast.cuh"
+#include "tt_cuda_update.cuh"
 
 namespace torchrec_tt {
 namespace {
@@ -75,6 +76,7 @@ constexpr int kNU = 8;
 constexpr int kNI = 8;
 // Sorted items per block of the slice-gradient reduction.
 constexpr int kReduceChunk = 32;
+static_assert(kFusedItems == kReduceChunk, "a block of the fused backward item kernel is one reduction chunk");
 // Items per block of the item kernels.
 constexpr int kItemsPerBlock = 4;
 // Device counts of a sorted batch (Batch::counts): TT items, TT unique rows, all unique
@@ -606,29 +608,6 @@ __global__ void tt_digits_kernel(const DigitArgs a) {
   }
 }
 
-enum FinalMode : int { kWriteGrad = 0, kSGD = 1, kAdagrad = 2, kRowwiseAdagrad = 3 };
-
-template <typename scalar_t, typename acc_t>
-struct ReduceArgs {
-  int S, rk, nk, Q;
-  const int32_t* count;     // device count of items
-  const int32_t* digits;    // digit per sorted item
-  const int32_t* perm;      // sorted position -> item (null: identity)
-  const acc_t* tbuf;        // T per item; with tdig: the core whose slice tdig[item] is T
-  const int32_t* tdig;      // null, or the digit of the previous core per item (fast path,
-                            // loaded with the chunk's items: no extra latency per staging)
-  const acc_t* dtbuf;
-  acc_t* pf;                // per chunk: partial of a run begun in an earlier chunk
-  acc_t* pl;                // per chunk: partial of a run that goes on in later chunks
-  int mode;
-  scalar_t* grad;
-  scalar_t* core;
-  void* state;
-  int state_dtype;
-  acc_t lr, eps;
-  int sm_acc, sm_ts, sm_dts, sm_scratch, sm_red;
-};
-
 // The reductions of every core in one launch: blocks [block0[k], block0[k+1]) serve core k.
 template <typename scalar_t, typename acc_t>
 struct ReduceLaunch {
@@ -646,11 +625,6 @@ __device__ __forceinline__ const ReduceArgs<scalar_t, acc_t>& reduce_core(const 
   return m.r[k];
 }
 
-// Elements per thread whose global loads a slice loop issues together (one memory
-// latency per kUnroll elements instead of one per element: a middle-core slice has
-// 4096 elements, 32 per thread).
-constexpr int kUnroll = 4;
-
 // v[u] = src[x0 + u * kThreads] (0 past S): the kUnroll loads of a thread, issued together.
 template <typename acc_t>
 __device__ __forceinline__ void load_unrolled(acc_t (&v)[kUnroll], const acc_t* src, int x0, int S) {
@@ -661,66 +635,11 @@ __device__ __forceinline__ void load_unrolled(acc_t (&v)[kUnroll], const acc_t* 
   }
 }
 
-// The slice `dg` of the core gets its gradient g (S values in shared memory), once.
-template <typename scalar_t, typename acc_t>
-__device__ void finalize_slice(const ReduceArgs<scalar_t, acc_t>& a, int dg, const acc_t* g, acc_t* red) {
-  const int tid = threadIdx.x;
-  const int64_t base = static_cast<int64_t>(dg) * a.S;
-  if (a.mode == kWriteGrad) {
-    for (int e = tid; e < a.S; e += kThreads) a.grad[base + e] = static_cast<scalar_t>(g[e]);
-    return;
-  }
-  acc_t den = acc_t(1);  // row-wise Adagrad: one denominator for the slice
-  if (a.mode == kRowwiseAdagrad) {
-    acc_t part = acc_t(0);
-    for (int e = tid; e < a.S; e += kThreads) part += g[e] * g[e];
-    red[tid] = part;
-    __syncthreads();
-    for (int s = kThreads / 2; s > 0; s >>= 1) {
-      if (tid < s) red[tid] += red[tid + s];
-      __syncthreads();
-    }
-    if (tid == 0) {
-      const acc_t s = load_state<acc_t>(a.state, a.state_dtype, dg) + red[0] / static_cast<acc_t>(a.S);
-      store_state<acc_t>(a.state, a.state_dtype, dg, s);
-      red[kThreads] = s;
-    }
-    __syncthreads();
-    den = sqrt(red[kThreads]) + a.eps;
-  }
-  for (int e0 = tid; e0 < a.S; e0 += kThreads * kUnroll) {
-    acc_t w[kUnroll], st[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {  // loads first
-      const int e = e0 + u * kThreads;
-      if (e < a.S) {
-        w[u] = static_cast<acc_t>(a.core[base + e]);
-        if (a.mode == kAdagrad) st[u] = load_state<acc_t>(a.state, a.state_dtype, base + e);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int e = e0 + u * kThreads;
-      if (e >= a.S) continue;
-      const acc_t ge = g[e];
-      if (a.mode == kSGD) {
-        a.core[base + e] = static_cast<scalar_t>(w[u] - a.lr * ge);
-      } else if (a.mode == kAdagrad) {
-        const acc_t s = st[u] + ge * ge;
-        store_state<acc_t>(a.state, a.state_dtype, base + e, s);
-        a.core[base + e] = static_cast<scalar_t>(w[u] - a.lr * ge / (sqrt(s) + a.eps));
-      } else {
-        a.core[base + e] = static_cast<scalar_t>(w[u] - a.lr * ge / den);
-      }
-    }
-  }
-}
-
-// Copies nb (<= kNI) rows of sz elements, row r from row(r), into dst (contiguous).
-// All loads of a thread are issued before its stores: one memory latency per call
-// instead of one per element.
-template <typename acc_t, typename RowFn>
-__device__ __forceinline__ void stage_rows(acc_t* dst, RowFn row, int sz, int nb) {
+// Copies nb (<= kNI) rows of sz elements, row r from src + rows[r] * sz, into dst
+// (contiguous). All loads of a thread are issued before its stores: one memory
+// latency per call instead of one per element.
+template <typename acc_t>
+__device__ __forceinline__ void stage_rows(acc_t* dst, const acc_t* __restrict__ src, int sz, const int* rows, int nb) {
   if constexpr (sizeof(acc_t) == 4) {
     if ((sz & 3) == 0) {
       const int v = sz >> 2;
@@ -728,7 +647,7 @@ __device__ __forceinline__ void stage_rows(acc_t* dst, RowFn row, int sz, int nb
         float4 buf[kNI];
 #pragma unroll
         for (int r = 0; r < kNI; ++r) {
-          if (r < nb) buf[r] = reinterpret_cast<const float4*>(row(r))[x];
+          if (r < nb) buf[r] = reinterpret_cast<const float4*>(src + static_cast<int64_t>(rows[r]) * sz)[x];
         }
 #pragma unroll
         for (int r = 0; r < kNI; ++r) {
@@ -742,7 +661,7 @@ __device__ __forceinline__ void stage_rows(acc_t* dst, RowFn row, int sz, int nb
     acc_t buf[kNI];
 #pragma unroll
     for (int r = 0; r < kNI; ++r) {
-      if (r < nb) buf[r] = row(r)[x];
+      if (r < nb) buf[r] = src[static_cast<int64_t>(rows[r]) * sz + x];
     }
 #pragma unroll
     for (int r = 0; r < kNI; ++r) {
@@ -771,8 +690,8 @@ __device__ void reduce_t_32x128(
     for (int c = 0; c < 4; ++c) r[ra][c] = 0.f;
   for (int i0 = 0; i0 < count; i0 += kNI) {
     const int nb = min(kNI, count - i0);
-    stage_rows<acc_t>(ts, [&](int r) { return a.tbuf + static_cast<int64_t>(trows[i0 + r]) * Q * 32; }, Q * 32, nb);
-    stage_rows<acc_t>(dts, [&](int r) { return a.dtbuf + static_cast<int64_t>(items[i0 + r]) * Q * 128; }, Q * 128, nb);
+    stage_rows<acc_t>(ts, a.tbuf, Q * 32, trows + i0, nb);
+    stage_rows<acc_t>(dts, a.dtbuf, Q * 128, items + i0, nb);
     __syncthreads();
     for (int j = 0; j < nb * Q; ++j) {  // j = item * Q + q
       const float4 d = *reinterpret_cast<const float4*>(dts + j * 128 + 4 * lane);
@@ -862,9 +781,8 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) tt_reduce_kernel(const _
       acc_t* const dts = sm + a.sm_dts;
       for (int i0 = pos; i0 < e; i0 += kNI) {
         const int nb = min(kNI, e - i0);
-        const int *const it = sitem + (i0 - s0), *const tr = strow + (i0 - s0);
-        stage_rows<acc_t>(ts, [&](int r) { return a.tbuf + static_cast<int64_t>(tr[r]) * tsz; }, tsz, nb);
-        stage_rows<acc_t>(dts, [&](int r) { return a.dtbuf + static_cast<int64_t>(it[r]) * dsz; }, dsz, nb);
+        stage_rows<acc_t>(ts, a.tbuf, tsz, strow + (i0 - s0), nb);
+        stage_rows<acc_t>(dts, a.dtbuf, dsz, sitem + (i0 - s0), nb);
         __syncthreads();
         // acc (r_k x n_k) += sum_items T^T (r_k x Q) dT (Q x n_k)
         block_gemm<acc_t>(a.rk, a.nk, nb * a.Q, ts, 1, a.rk, dts, a.nk, acc, a.nk, true, sm + a.sm_scratch);
@@ -1391,10 +1309,6 @@ FastArgs fast_args(const std::vector<at::Tensor>& cores, const Batch& bt) {
   return f;
 }
 
-unsigned fast_grid(int64_t max_items) {
-  return grid_1d(max_items, kFastWarps * kFastItemsPerWarp);
-}
-
 // Tensor cores in the fast kernels (tt_cuda_fast.cuh), TORCHREC_TT_CUDA_MMA: bwd (the default):
 // the backward item kernel only; fwd: the forward only; 1: both; 0: neither (FMA kernels).
 // The forward is faster without them (benchmarks/NOTES.md, v8).
@@ -1414,9 +1328,10 @@ bool fast_mma(bool bwd) {
 template <bool BWD>
 void launch_fast_items(const char* op, const FastArgs& f, int64_t max_items, int device, cudaStream_t stream) {
   auto launch = [&](auto kernel, bool mma) {
-    const size_t bytes = sizeof(float) * kFastWarps * fast_warp_floats(BWD, mma);
+    const int warps = fast_warps(BWD, mma);
+    const size_t bytes = sizeof(float) * warps * fast_warp_floats(BWD, mma);
     prepare_smem(op, kernel, bytes, device);
-    kernel<<<fast_grid(max_items), kFastWarps * 32, bytes, stream>>>(f);
+    kernel<<<grid_1d(max_items, warps * kFastItemsPerWarp), warps * 32, bytes, stream>>>(f);
   };
   if (fast_mma(BWD)) {
     launch(tt_fast_item_kernel<4, 32, 32, 4, BWD, true>, true);
@@ -1781,13 +1696,15 @@ void run_backward(
   }
   Arena ar;
   ar.add(&xbuf, bt.max_urows * t.S[L]);
-  // the fast item kernels write no T record for core 1: its reduction reads core 0
+  // The fast item kernels write no T record for core 1 (its reduction reads core 0); the
+  // tensor-core one sums core 1's slice gradients itself (`fused1`: no dT record either).
   bool fast = false;
   if constexpr (std::is_same_v<scalar_t, float>) {
     fast = fast_path_ok(t, cores, go.const_data_ptr());
   }
+  const bool fused1 = fast && fast_mma(true);
   for (int k = 0; k < L; ++k) {
-    ar.add(&dtbuf[k], bt.max_items * int64_t{t.Q[k]} * t.n[k]);
+    if (!(fused1 && k == 1)) ar.add(&dtbuf[k], bt.max_items * int64_t{t.Q[k]} * t.n[k]);
     if (k >= 1 && !(fast && k == 1)) ar.add(&tbuf[k], bt.max_items * int64_t{t.Q[k]} * t.r[k]);
   }
   ar.add(&iota, max_n);
@@ -1809,75 +1726,13 @@ void run_backward(
   }
   ar.add_bytes(&temp, temp_bytes);
   const at::Tensor scratch = ar.allocate(cores[0].options());
+  if (L >= 1) sorted_keys[L - 1] = keys[L - 1];  // items come grouped by this digit
 
-  // Step 4: items (prefix products, row gradients, per-item factors).
-  auto a = item_args<scalar_t, acc_t>(t, cores, bt);
-  a.grad_out = go.const_data_ptr<acc_t>();
-  a.sbag = bt.sbag;
-  a.sscale = static_cast<const acc_t*>(bt.sscale);
-  a.xbuf = xbuf;
-  for (int k = 0; k < L; ++k) {
-    a.dtbuf[k] = dtbuf[k];
-    a.tbuf[k] = tbuf[k];
-  }
-  if (fast) {
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      FastArgs f = fast_args(cores, bt);
-      f.grad_out = go.const_data_ptr<float>();
-      f.sbag = bt.sbag;
-      f.sscale = static_cast<const float*>(bt.sscale);
-      f.xbuf = xbuf;
-      f.dtbuf0 = dtbuf[0];
-      f.dtbuf1 = dtbuf[1];
-      launch_fast_items<true>(op, f, bt.max_items, device, stream);
-    }
-  } else {
-    int64_t elems = 0;
-    a.sm = plan_items(t, true, &elems);
-    const size_t bytes = static_cast<size_t>(elems) * sizeof(acc_t);
-    auto kernel = tt_item_kernel<scalar_t, acc_t, true>;
-    prepare_smem(op, kernel, bytes, device);
-    kernel<<<grid_1d(bt.max_items, kItemsPerBlock), kThreads, bytes, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-
-  if (cached) {  // the hit rows' gradients, summed per row like the TT rows' (reduced per slot in step 6)
-    const dim3 block = rows_block(t.D);
-    const unsigned grid = static_cast<unsigned>(std::min<int64_t>(ceil_div(bt.max_urows, block.y), 1024));
-    tt_hit_grad_kernel<acc_t><<<std::max(grid, 1u), block, 0, stream>>>(
-        bt.counts, bt.urow_start, bt.urow_dig, bt.sbag, static_cast<const acc_t*>(bt.sscale), go.const_data_ptr<acc_t>(),
-        t.D, hbuf, hdig);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-
-  // Step 5: digits of every item per core, sorted where the item order does not group them.
-  DigitArgs da{};
-  da.t = t;
-  da.skeys = bt.skeys;
-  da.item_start = bt.item_start;
-  da.urow_start = bt.urow_start;
-  da.counts = bt.counts;
-  da.max_items = bt.max_items;
-  da.max_urows = bt.max_urows;
-  da.iota = iota;
-  for (int k = 0; k < d; ++k) da.keys[k] = keys[k];
-  tt_digits_kernel<<<grid_1d(max_n, 256), 256, 0, stream>>>(da);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  for (int k = 0; k < d; ++k) {
-    if (k == L - 1) {
-      sorted_keys[k] = keys[k];
-      continue;
-    }
-    size_t b = temp_bytes;
-    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-        temp, b, reinterpret_cast<const uint32_t*>(keys[k]), reinterpret_cast<uint32_t*>(sorted_keys[k]), iota, perms[k],
-        static_cast<int>(nkeys[k]), 0, bits_for(t.p[k]), stream));
-  }
-
-  // Step 6: every core's slices reduced and finalised (gradient or update): one launch
-  // per kind of sum (plain sums of the first and last cores, T^T dT of the middle ones),
-  // each kind compiled with its own register budget; the runs that cross chunks in one
-  // more launch for all cores.
+  // Plan of step 6 (before step 4: the fused item kernel takes core 1's entry): every
+  // core's slices reduced and finalised (gradient or update): one launch per kind of sum
+  // (plain sums of the first and last cores, T^T dT of the middle ones), each kind
+  // compiled with its own register budget; the runs that cross chunks in one more launch
+  // for all cores.
   const int sdt = state.empty() ? kStateFloat : state_dtype_code(state[0].scalar_type());
   ReduceLaunch<scalar_t, acc_t> kind_launch[kNumReduceKinds]{};
   size_t kind_bytes[kNumReduceKinds] = {};
@@ -1945,12 +1800,14 @@ void run_backward(
     }
     r.sm_red = sp.take(kThreads + 4);
     const int64_t nb = ceil_div(is_cache ? bt.max_urows : nkeys[k], kReduceChunk);
-    ReduceLaunch<scalar_t, acc_t>& kl = kind_launch[kind];
-    TORCH_CHECK(kl.block0[kl.ncores] + nb < INT_MAX, op, ": too many reduction blocks");
-    kl.r[kl.ncores] = r;
-    kl.block0[kl.ncores + 1] = kl.block0[kl.ncores] + static_cast<int>(nb);
-    ++kl.ncores;
-    kind_bytes[kind] = std::max(kind_bytes[kind], static_cast<size_t>(sp.off) * sizeof(acc_t));
+    if (!(fused1 && k == 1)) {  // fused: the item kernel sums the chunks
+      ReduceLaunch<scalar_t, acc_t>& kl = kind_launch[kind];
+      TORCH_CHECK(kl.block0[kl.ncores] + nb < INT_MAX, op, ": too many reduction blocks");
+      kl.r[kl.ncores] = r;
+      kl.block0[kl.ncores + 1] = kl.block0[kl.ncores] + static_cast<int>(nb);
+      ++kl.ncores;
+      kind_bytes[kind] = std::max(kind_bytes[kind], static_cast<size_t>(sp.off) * sizeof(acc_t));
+    }
     // the tail kernel needs the accumulator and the reduction scratch only
     SmemPlan tp;
     r.sm_acc = tp.take(S);
@@ -1963,6 +1820,70 @@ void run_backward(
     tl.block0[k + 1] = tail_blocks;
   }
   tl.ncores = nentries;
+
+  // Step 4: items (prefix products, row gradients, per-item factors).
+  if (fast) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      FastArgs f = fast_args(cores, bt);
+      f.grad_out = go.const_data_ptr<float>();
+      f.sbag = bt.sbag;
+      f.sscale = static_cast<const float*>(bt.sscale);
+      f.xbuf = xbuf;
+      f.dtbuf0 = dtbuf[0];
+      f.dtbuf1 = dtbuf[1];
+      if (fused1) f.r1 = tl.r[1];
+      launch_fast_items<true>(op, f, bt.max_items, device, stream);
+    }
+  } else {
+    auto a = item_args<scalar_t, acc_t>(t, cores, bt);
+    a.grad_out = go.const_data_ptr<acc_t>();
+    a.sbag = bt.sbag;
+    a.sscale = static_cast<const acc_t*>(bt.sscale);
+    a.xbuf = xbuf;
+    for (int k = 0; k < L; ++k) {
+      a.dtbuf[k] = dtbuf[k];
+      a.tbuf[k] = tbuf[k];
+    }
+    int64_t elems = 0;
+    a.sm = plan_items(t, true, &elems);
+    const size_t bytes = static_cast<size_t>(elems) * sizeof(acc_t);
+    auto kernel = tt_item_kernel<scalar_t, acc_t, true>;
+    prepare_smem(op, kernel, bytes, device);
+    kernel<<<grid_1d(bt.max_items, kItemsPerBlock), kThreads, bytes, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  if (cached) {  // the hit rows' gradients, summed per row like the TT rows' (reduced per slot in step 6)
+    const dim3 block = rows_block(t.D);
+    const unsigned grid = static_cast<unsigned>(std::min<int64_t>(ceil_div(bt.max_urows, block.y), 1024));
+    tt_hit_grad_kernel<acc_t><<<std::max(grid, 1u), block, 0, stream>>>(
+        bt.counts, bt.urow_start, bt.urow_dig, bt.sbag, static_cast<const acc_t*>(bt.sscale), go.const_data_ptr<acc_t>(),
+        t.D, hbuf, hdig);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  // Step 5: digits of every item per core, sorted where the item order does not group them.
+  DigitArgs da{};
+  da.t = t;
+  da.skeys = bt.skeys;
+  da.item_start = bt.item_start;
+  da.urow_start = bt.urow_start;
+  da.counts = bt.counts;
+  da.max_items = bt.max_items;
+  da.max_urows = bt.max_urows;
+  da.iota = iota;
+  for (int k = 0; k < d; ++k) da.keys[k] = keys[k];
+  tt_digits_kernel<<<grid_1d(max_n, 256), 256, 0, stream>>>(da);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for (int k = 0; k < d; ++k) {
+    if (k == L - 1) continue;
+    size_t b = temp_bytes;
+    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+        temp, b, reinterpret_cast<const uint32_t*>(keys[k]), reinterpret_cast<uint32_t*>(sorted_keys[k]), iota, perms[k],
+        static_cast<int>(nkeys[k]), 0, bits_for(t.p[k]), stream));
+  }
+
+  // Step 6: the reductions planned above, launched.
   const decltype(&tt_reduce_kernel<scalar_t, acc_t, kPlainSum>) kernels[kNumReduceKinds] = {
       tt_reduce_kernel<scalar_t, acc_t, kPlainSum>, tt_reduce_kernel<scalar_t, acc_t, kGemmT>,
       tt_reduce_kernel<scalar_t, acc_t, kFastT, kFastTMinBlocks>};
