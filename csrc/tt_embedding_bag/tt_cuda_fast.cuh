@@ -185,6 +185,15 @@ __device__ __forceinline__ void mma_3xtf32(
   mma_tf32(small, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b0.lo, b1.lo);
 }
 
+// The same in three independent accumulators (no dependent mma instructions in one call):
+// big += A_hi B_hi, lo_a += A_lo B_hi, lo_b += A_hi B_lo; the product is big + (lo_a + lo_b).
+__device__ __forceinline__ void mma_3xtf32_split(
+    float (&big)[4], float (&lo_a)[4], float (&lo_b)[4], const Tf32Pair (&a)[4], Tf32Pair b0, Tf32Pair b1) {
+  mma_tf32(lo_a, a[0].lo, a[1].lo, a[2].lo, a[3].lo, b0.hi, b1.hi);
+  mma_tf32(big, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b0.hi, b1.hi);
+  mma_tf32(lo_b, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b0.lo, b1.lo);
+}
+
 // Position of float4 `f` of a staged G_2 slice: lane l reads float4s 4(l % 8) + c,
 // c = 0..3; the XOR spreads the 8 lanes of a quarter-warp over all 8 bank groups.
 __device__ __forceinline__ int g2_swizzle(int f) {
@@ -316,7 +325,8 @@ __device__ void fused_core1_sums(
     const int dg = sd1[1 + ra];
     int rb = ra + 1;
     while (rb < nb && sd1[1 + rb] == dg) ++rb;
-    float d[2][2][4] = {}, e[2][2][4] = {};
+    float d[2][2][4] = {}, e[2][2][4] = {}, f[2][2][4] = {};
+#pragma unroll 2
     for (int s = ra / 2; s < (rb + 1) / 2; ++s) {
       const bool in0 = 2 * s >= ra, in1 = 2 * s + 1 < rb;  // items 2s, 2s + 1 in the run (uniform)
       const float* const ys = smem + (s >> 1) * WF;
@@ -344,8 +354,8 @@ __device__ void fused_core1_sums(
       const Tf32Pair b00 = split_tf32(y0.x), b01 = split_tf32(y1.x), b10 = split_tf32(y0.y), b11 = split_tf32(y1.y);
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
-        mma_3xtf32(d[mt][0], e[mt][0], af[mt], b00, b01);
-        mma_3xtf32(d[mt][1], e[mt][1], af[mt], b10, b11);
+        mma_3xtf32_split(d[mt][0], e[mt][0], f[mt][0], af[mt], b00, b01);
+        mma_3xtf32_split(d[mt][1], e[mt][1], f[mt][1], af[mt], b10, b11);
       }
     }
     float v[16];
@@ -356,7 +366,7 @@ __device__ void fused_core1_sums(
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const int nt = c & 1, i = 2 * h + (c >> 1);  // column 4t + c: tile nt, fragment element i
-          v[8 * mt + 4 * h + c] = d[mt][nt][i] + e[mt][nt][i];
+          v[8 * mt + 4 * h + c] = d[mt][nt][i] + (e[mt][nt][i] + f[mt][nt][i]);
         }
     const bool gstart = sd1[ra] != dg, gend = sd1[1 + rb] != dg;
     if (gstart && gend) {
