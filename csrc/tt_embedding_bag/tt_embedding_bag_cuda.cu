@@ -28,7 +28,9 @@
 //              sort; the item order already groups core d-2), then a chunked
 //              segmented reduction sums T_{k-1}^T dT_k (or X) per unique slice in
 //              a fixed order and finalises it once: write the gradient, or apply
-//              SGD / Adagrad / row-wise Adagrad in place (only touched slices).
+//              SGD / Adagrad / row-wise Adagrad in place (only touched slices;
+//              tt_cuda_update.cuh). The tensor-core fast path sums core 1 inside
+//              its backward item kernel (tt_cuda_fast.cuh), chunk by chunk.
 // No float atomics anywhere: same inputs give the same bits.
 // The forward leaves its sorted batch for the backward of the same tensors (step 1-3
 // done once per training step). Environment: TORCHREC_TT_CUDA_FAST=0 (generic kernels
@@ -1887,7 +1889,7 @@ void run_backward(
   const decltype(&tt_reduce_kernel<scalar_t, acc_t, kPlainSum>) kernels[kNumReduceKinds] = {
       tt_reduce_kernel<scalar_t, acc_t, kPlainSum>, tt_reduce_kernel<scalar_t, acc_t, kGemmT>,
       tt_reduce_kernel<scalar_t, acc_t, kFastT, kFastTMinBlocks>};
-  // the middle cores first: core 1 of the fast path reads core 0, which the plain sums update
+  // the middle cores first: core 1 of the FMA fast path reads core 0, which the plain sums update
   for (const int kind : {kFastT, kGemmT, kPlainSum}) {
     const ReduceLaunch<scalar_t, acc_t>& kl = kind_launch[kind];
     if (kl.ncores == 0) continue;
