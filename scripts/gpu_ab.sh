@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# A/B run on one GPU machine: this checkout through scripts/gpu_run.sh (setup, build, GPU tests,
+# benchmark), then other checkouts built beside it and benchmarked after it on the same GPU, and a
+# same-machine report of kernel time per step (benchmarks/ab_report.py) in $OUT/same_machine.md.
+#
+#   bash scripts/prepare_baseline.sh 665d375                  # here: build/base_665d375 (carry it)
+#   BASELINES="build/base_665d375" bash scripts/gpu_ab.sh     # there
+#
+# Environment (and every variable of scripts/gpu_run.sh; BENCH_ARGS defaults to --profile 4096x20):
+#   OUT                  results folder (default benchmarks/results/latest)
+#   BASELINES            space-separated checkout folders (their own scripts/gpu_build.sh builds them)
+#   BASELINE_BENCH_ARGS  their benchmark arguments (default: --dists uniform --optimizers sgd --profile 4096x20)
+#   BASELINE_TESTS=1     also run their tests/test_cuda_kernels.py
+# Exit status: gpu_run.sh's, or 1 if a baseline failed to build or to run.
+set -uo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+out=${OUT:-$root/benchmarks/results/latest}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+site=/tmp/site  # where scripts/gpu_setup.sh (run by gpu_run.sh) installs the carried wheels
+baseline_args=${BASELINE_BENCH_ARGS:---dists uniform --optimizers sgd --profile 4096x20}
+
+declare -A build_pid
+for b in ${BASELINES:-}; do
+  name=$(basename "$b")
+  mkdir -p "$out/baselines/$name"
+  (cd "$b" && PYTHON=$py bash scripts/gpu_build.sh "$out/baselines/$name/build.log") &
+  build_pid[$b]=$!
+done
+
+OUT=$out BENCH_ARGS=${BENCH_ARGS:---profile 4096x20} bash scripts/gpu_run.sh
+rc=$?
+
+logs=("this=$out/bench.log")
+status=()
+for b in ${BASELINES:-}; do
+  name=$(basename "$b")
+  d=$out/baselines/$name
+  if ! wait "${build_pid[$b]}"; then
+    status+=("$name: build FAILED ($d/build.log)")
+    rc=1
+    continue
+  fi
+  if [ "${BASELINE_TESTS:-0}" = 1 ]; then
+    (cd "$b" && PYTHONPATH=$PWD:$site "$py" -m pytest -m gpu -q -p no:cacheprovider tests/test_cuda_kernels.py) >"$d/pytest.log" 2>&1
+    status+=("$name: CUDA kernel tests rc=$? $(grep -E "passed|failed|error" "$d/pytest.log" | tail -1)")
+  fi
+  # shellcheck disable=SC2086
+  (cd "$b" && PYTHONPATH=$PWD:$site "$py" benchmarks/bench_tt_embedding_bag.py --device cuda --out-dir "$d" $baseline_args) \
+    >"$d/bench.log" 2>&1
+  brc=$?
+  status+=("$name: benchmark rc=$brc")
+  [ "$brc" = 0 ] && logs+=("$name=$d/bench.log") || rc=1
+done
+
+if [ ${#logs[@]} -gt 1 ]; then
+  gpu=$("$py" -c 'import torch; print(torch.cuda.get_device_name())' 2>/dev/null)
+  "$py" benchmarks/ab_report.py --title "Same machine: this checkout against ${BASELINES}, ${gpu}, $(date -u +%F)" \
+    --out "$out/same_machine.md" "${logs[@]}" || rc=1
+fi
+echo
+echo "================ gpu_ab summary ================"
+for s in "${status[@]}"; do echo "  $s"; done
+[ -f "$out/same_machine.md" ] && sed -n '/^Kernel time per step/,/^$/p' "$out/same_machine.md"
+exit "$rc"
