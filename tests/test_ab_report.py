@@ -156,3 +156,46 @@ def test_report_cli_lists_every_version(tmp_path):
 def test_bad_spec_is_rejected():
     r = subprocess.run([sys.executable, str(SCRIPT), "no-equals-sign"], capture_output=True, text=True)
     assert r.returncode != 0 and "expected NAME=PATH" in r.stderr
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(mode)
+
+
+def test_gpu_ab_script_builds_benchmarks_and_reports(tmp_path):
+    # scripts/gpu_ab.sh in a scratch tree whose GPU steps are stand-ins: gpu_run.sh writes this
+    # checkout's benchmark log, baseline b1 builds and benchmarks, baseline b2 fails to build.
+    repo = Path(__file__).resolve().parent.parent
+    root = tmp_path / "tree"
+    _write(root / "scripts" / "gpu_ab.sh", (repo / "scripts" / "gpu_ab.sh").read_text(), 0o755)
+    _write(root / "benchmarks" / "ab_report.py", SCRIPT.read_text())
+    (tmp_path / "this.log").write_text(_log())
+    (tmp_path / "base.log").write_text(_log(steps=10))
+    _write(
+        root / "scripts" / "gpu_run.sh", f'cp {tmp_path / "this.log"} "$OUT/bench.log"\necho "BENCH_ARGS=$BENCH_ARGS"\n'
+    )
+    for name, build_rc in (("b1", 0), ("b2", 1)):
+        _write(root / "build" / name / "scripts" / "gpu_build.sh", f'echo built >"$1"\nexit {build_rc}\n')
+        _write(
+            root / "build" / name / "benchmarks" / "bench_tt_embedding_bag.py",
+            f"import sys\nprint(' '.join(sys.argv[1:]))\nprint(open({str(tmp_path / 'base.log')!r}).read())\n",
+        )
+    out = tmp_path / "out"
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "OUT": str(out),
+        "PYTHON": sys.executable,
+        "BASELINES": "build/b1 build/b2",
+    }
+    r = subprocess.run(["bash", str(root / "scripts" / "gpu_ab.sh")], capture_output=True, text=True, env=env)
+    assert r.returncode == 1, r.stdout + r.stderr  # b2's build failed
+    assert "BENCH_ARGS=--profile 4096x20" in r.stdout
+    assert "b2: build FAILED" in r.stdout and "b1: benchmark rc=0" in r.stdout
+    assert (out / "baselines" / "b1" / "bench.log").read_text().startswith("--device cuda --out-dir")
+    assert "--dists uniform --optimizers sgd --profile 4096x20" in (out / "baselines" / "b1" / "bench.log").read_text()
+    report = (out / "same_machine.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith(("| this |", "| b1 |", "| b2 |"))]
+    assert [row.split("|")[1].strip() for row in rows] == ["this", "b1"]
+    assert float(rows[0].split("|")[-2]) == pytest.approx(2 * float(rows[1].split("|")[-2]), abs=0.1)
