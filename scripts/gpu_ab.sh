@@ -62,5 +62,6 @@ fi
 echo
 echo "================ gpu_ab summary ================"
 for s in "${status[@]}"; do echo "  $s"; done
-[ -f "$out/same_machine.md" ] && sed -n '/^Kernel time per step/,/^$/p' "$out/same_machine.md"
+# the kernel-time heading and its table (up to the first line after the table)
+[ -f "$out/same_machine.md" ] && awk '/^Kernel time per step/ {f = 1} f && t && !/^\|/ {exit} f {print} f && /^\|/ {t = 1}' "$out/same_machine.md"
 exit "$rc"

@@ -250,6 +250,22 @@ def test_backward_long_runs_and_skew(shape, dist):
     _check_backward(_grad_case(shape, ids=ids, offsets=offsets))
 
 
+# The backward sorts items (unique rows) by a core's digit in counting passes of 8 bits over
+# tiles of 512: p_0 = 300 (two passes, ~24 tiles of items), p = 70000 (three passes, ~35
+# tiles of rows), p_2 = 256 (the sentinel 256 needs a second pass).
+DIGIT_SORT_SHAPES = [
+    ([300, 40, 3], [2, 2, 2], [1, 3, 3, 1], 36000),
+    ([70000], [2], [1, 1], 70000),
+    ([5, 4, 256], [2, 2, 2], [1, 2, 2, 1], 5120),
+]
+
+
+@pytest.mark.parametrize("shape", DIGIT_SORT_SHAPES, ids=lambda s: f"p{s[0]}")
+def test_backward_digit_sort_passes(shape):
+    ids, offsets = _skewed_bags(shape[3], 20000, 500, "uniform")
+    _check_backward(_grad_case(shape, ids=ids, offsets=offsets))
+
+
 @pytest.mark.parametrize("dist", ["uniform", "zipf"])
 @pytest.mark.parametrize("mode", [0, 1])
 def test_forward_many_rows_per_item(dist, mode):

@@ -373,6 +373,7 @@ __device__ void fused_core1_sums(
       finalize_held<NW * 32>(r, dg, off, v, red);
     } else {
       float* const dst = (gstart ? r.pl : r.pf) + static_cast<int64_t>(blk) * r.S;
+      if (gstart && threadIdx.x == 0) list_crossing_run(r, blk);
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         *reinterpret_cast<float4*>(dst + off[4 * q]) = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);

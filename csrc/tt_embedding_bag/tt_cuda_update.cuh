@@ -34,7 +34,21 @@ struct ReduceArgs {
   int state_dtype;
   acc_t lr, eps;
   int sm_acc, sm_ts, sm_dts, sm_scratch, sm_red;
+  // runs that go on past their first chunk, listed for the tail kernel: (entry, chunk)
+  int entry;                // this reduction's entry in the tail launch
+  int2* cross;              // [cross_cap]
+  int32_t* ncross;          // device count of listed runs (zero before the first writer)
+  int cross_cap;
 };
+
+// Lists a run whose first partial chunk blk wrote to pl (one thread per run). The order
+// of the list is free: the tail kernel sums every listed run alike, in chunk order.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void list_crossing_run(const ReduceArgs<scalar_t, acc_t>& a, int blk) {
+  const int slot = atomicAdd(a.ncross, 1);
+  CUDA_KERNEL_ASSERT(slot < a.cross_cap);
+  a.cross[slot] = make_int2(a.entry, blk);
+}
 
 // Elements per thread whose global loads a slice loop issues together (one memory
 // latency per kUnroll elements instead of one per element: a middle-core slice has

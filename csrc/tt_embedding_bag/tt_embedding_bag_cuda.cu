@@ -24,13 +24,16 @@
 //              the last core slice), Y += g G_{d-1}^T, then back-propagates Y
 //              through the prefix chain (dT_k) and stores per-item factors.
 //   5. forward: pooling per bag in input order (sum / mean / weights).
-//      backward: per core, items sorted by that core's digit (one more radix
-//              sort; the item order already groups core d-2), then a chunked
-//              segmented reduction sums T_{k-1}^T dT_k (or X) per unique slice in
-//              a fixed order and finalises it once: write the gradient, or apply
-//              SGD / Adagrad / row-wise Adagrad in place (only touched slices;
-//              tt_cuda_update.cuh). The tensor-core fast path sums core 1 inside
-//              its backward item kernel (tt_cuda_fast.cuh), chunk by chunk.
+//      backward: per core, items sorted by that core's digit (stable counting
+//              passes, all cores in the same launches: tt_cuda_digit_sort.cuh; the
+//              item order already groups core d-2), then a chunked segmented
+//              reduction sums T_{k-1}^T dT_k (or X) per unique slice in a fixed
+//              order and finalises it once: write the gradient, or apply SGD /
+//              Adagrad / row-wise Adagrad in place (only touched slices;
+//              tt_cuda_update.cuh). A run that crosses chunks is listed by the
+//              chunk where it begins and finished by the tail kernel. The
+//              tensor-core fast path sums core 1 inside its backward item kernel
+//              (tt_cuda_fast.cuh), chunk by chunk.
 // No float atomics anywhere: same inputs give the same bits.
 // The forward leaves its sorted batch for the backward of the same tensors (step 1-3
 // done once per training step). Environment: TORCHREC_TT_CUDA_FAST=0 (generic kernels
@@ -62,6 +65,7 @@
 
 #include "torchrec_tt/tt_checks.h"
 #include "tt_cuda_common.cuh"
+#include "tt_cuda_digit_sort.cuh"
 #include "tt_cuda_fast.cuh"
 #include "tt_cuda_update.cuh"
 
@@ -83,8 +87,18 @@ static_assert(kFusedItems == kReduceChunk, "a block of the fused backward item k
 constexpr int kItemsPerBlock = 4;
 // Device counts of a sorted batch (Batch::counts): TT items, TT unique rows, all unique
 // rows (cache hit rows follow the TT ones), hit rows (set by the backward), distinct
-// TT ids, hit positions.
-enum BatchCount : int { kItems = 0, kTTRows = 1, kRows = 2, kHitRows = 3, kMissIds = 4, kHits = 5, kNumCounts = 6 };
+// TT ids, hit positions, the backward's runs that cross reduction chunks (a batch serves
+// one backward: the forward's batch is taken by it).
+enum BatchCount : int {
+  kItems = 0,
+  kTTRows = 1,
+  kRows = 2,
+  kHitRows = 3,
+  kMissIds = 4,
+  kHits = 5,
+  kCrossRuns = 6,
+  kNumCounts = 7
+};
 
 // ------------------------------------------------------------------ kernels
 
@@ -175,6 +189,7 @@ __global__ void tt_flags_kernel(
     counts[kHitRows] = 0;
     counts[kMissIds] = 0;
     counts[kHits] = 0;
+    counts[kCrossRuns] = 0;
   }
   if (i >= nnz) return;
   bool ih, uh;
@@ -582,40 +597,14 @@ __global__ void tt_gather_kernel(
   for (int e = threadIdx.x; e < D; e += blockDim.x) out[l * D + e] = static_cast<scalar_t>(rowbuf[src + e]);
 }
 
-struct DigitArgs {
-  TTDims t;
-  const uint64_t* skeys;
-  const int32_t* item_start;
-  const int32_t* urow_start;
-  const int32_t* counts;
-  int64_t max_items;
-  int64_t max_urows;
-  int32_t* keys[kMaxCores];  // per core: digit of each item (urow for the last core), sentinel p_k past the count
-  int32_t* iota;
-};
-
-__global__ void tt_digits_kernel(const DigitArgs a) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const TTDims& t = a.t;
-  const int L = t.d - 1;
-  const uint64_t pl = static_cast<uint64_t>(t.p[L]);
-  if (i < a.max_items || i < a.max_urows) a.iota[i] = static_cast<int32_t>(i);
-  if (i < a.max_items && L >= 1) {
-    const bool valid = i < a.counts[kItems];
-    const uint64_t pre = valid ? a.skeys[a.item_start[i]] / pl : 0;
-    for (int k = 0; k < L; ++k) a.keys[k][i] = valid ? prefix_digit(pre, k, t) : t.p[k];
-  }
-  if (i < a.max_urows) {
-    a.keys[L][i] = i < a.counts[kTTRows] ? static_cast<int32_t>(a.skeys[a.urow_start[i]] % pl) : t.p[L];
-  }
-}
-
 // The reductions of every core in one launch: blocks [block0[k], block0[k+1]) serve core k.
 template <typename scalar_t, typename acc_t>
 struct ReduceLaunch {
   ReduceArgs<scalar_t, acc_t> r[kMaxCores + 1];  // + 1: the cache of a cached op
-  int block0[kMaxCores + 2];
+  int block0[kMaxCores + 2];                     // reduction kernels
   int ncores;
+  const int2* cross;                             // tail kernel: the listed runs
+  const int32_t* ncross;
 };
 
 // The core a block serves and its block index within that core.
@@ -627,12 +616,12 @@ __device__ __forceinline__ const ReduceArgs<scalar_t, acc_t>& reduce_core(const 
   return m.r[k];
 }
 
-// v[u] = src[x0 + u * kThreads] (0 past S): the kUnroll loads of a thread, issued together.
-template <typename acc_t>
-__device__ __forceinline__ void load_unrolled(acc_t (&v)[kUnroll], const acc_t* src, int x0, int S) {
+// v[u] = src[x0 + u * stride] (0 past S): the U loads of a thread, issued together.
+template <int U, typename acc_t>
+__device__ __forceinline__ void load_unrolled(acc_t (&v)[U], const acc_t* src, int x0, int stride, int S) {
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    const int x = x0 + u * kThreads;
+  for (int u = 0; u < U; ++u) {
+    const int x = x0 + u * stride;
     v[u] = x < S ? src[x] : acc_t(0);
   }
 }
@@ -796,40 +785,42 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) tt_reduce_kernel(const _
     } else {
       acc_t* dst = (gstart ? a.pl : a.pf) + static_cast<int64_t>(blk) * a.S;
       for (int x = tid; x < a.S; x += kThreads) dst[x] = acc[x];
+      if (gstart && tid == 0) list_crossing_run(a, blk);
     }
     __syncthreads();
     pos = e;
   }
 }
 
-// Runs that cross chunk boundaries: the chunk where the run begins sums its
-// partial and those of the following chunks, in chunk order, and finalises the slice.
+// Runs that cross chunk boundaries, listed by the kernel that wrote their first partial
+// (chunk j): the partials of the run's chunks summed in chunk order, then the slice
+// finalised. kTailParts blocks per listed run, each summing and finalising every
+// kTailParts-th group of kThreads elements (a middle-core slice of 4096: 8 per thread, all
+// of a chunk's loads in flight): the partials are read from DRAM, and one block per run
+// had too few bytes in flight (~1 TB/s, 29 us per step at B = 4096). Row-wise Adagrad needs
+// the whole slice's norm: one block, through shared memory. Blocks past the list return at once.
+constexpr int kTailParts = 4;
+constexpr int kTailUnroll = 8;
+
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) tt_reduce_tail_kernel(const __grid_constant__ ReduceLaunch<scalar_t, acc_t> m) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sm = reinterpret_cast<acc_t*>(smem_raw);
-  __shared__ int sdig[kReduceChunk + 2];
   __shared__ int s_end;
-  int j = 0;
-  const ReduceArgs<scalar_t, acc_t>& a = reduce_core(m, &j);
+  const int entry = static_cast<int>(blockIdx.x) / kTailParts, part = static_cast<int>(blockIdx.x) % kTailParts;
+  if (entry >= *m.ncross) return;
+  const int2 run = m.cross[entry];
+  const ReduceArgs<scalar_t, acc_t>& a = m.r[run.x];
+  const bool whole = a.mode == kRowwiseAdagrad;
+  const int first = whole ? 0 : part * kThreads;  // the part's first element
+  const int stride = whole ? kThreads : kThreads * kTailParts;
+  if ((whole && part > 0) || first >= a.S) return;
+  const int j = run.y;
   const int n = *a.count;
-  const int s0 = j * kReduceChunk;
-  if (s0 >= n) return;
-  const int s1 = min(s0 + kReduceChunk, n);
-  if (s1 >= n) return;
+  const int dg = a.digits[(j + 1) * kReduceChunk - 1];  // the run's digit: it fills the chunk's end
   const int tid = threadIdx.x;
-  if (tid < kReduceChunk + 2) {
-    const int i = s0 - 1 + tid;
-    sdig[tid] = (i >= 0 && i <= s1) ? a.digits[i] : -1;
-  }
   if (tid == 0) s_end = INT_MAX;
   __syncthreads();
-  const int* dig = sdig + 1 - s0;
-  const int dg = dig[s1 - 1];
-  if (dig[s1] != dg) return;  // the last run ends in this chunk (R1 finalised it)
-  int b = s1 - 1;
-  while (b > s0 && dig[b - 1] == dg) --b;
-  if (b == s0 && s0 > 0 && dig[s0 - 1] == dg) return;  // begun in an earlier chunk
   // The first chunk after j whose first item has another digit (or the end): found in parallel.
   const int nchunks = (n + kReduceChunk - 1) / kReduceChunk;
   for (int base = j + 1; base < nchunks; base += kThreads) {
@@ -840,35 +831,41 @@ __global__ void __launch_bounds__(kThreads) tt_reduce_tail_kernel(const __grid_c
   __syncthreads();
   const int jend = min(s_end, nchunks);
   acc_t* const acc = sm + a.sm_acc;
-  for (int x0 = tid; x0 < a.S; x0 += kThreads * kUnroll) {
-    // partials summed in chunk order, kUnroll elements per thread and two chunks in flight
-    acc_t s[kUnroll];
-    load_unrolled(s, a.pl + static_cast<int64_t>(j) * a.S, x0, a.S);
-    int jj = j + 1;
-    for (; jj + 2 <= jend; jj += 2) {
-      acc_t v[kUnroll], w[kUnroll];
-      load_unrolled(v, a.pf + static_cast<int64_t>(jj) * a.S, x0, a.S);
-      load_unrolled(w, a.pf + static_cast<int64_t>(jj + 1) * a.S, x0, a.S);
+  const int64_t base = static_cast<int64_t>(dg) * a.S;
+  for (int x0 = first + tid; x0 < a.S; x0 += stride * kTailUnroll) {
+    acc_t s[kTailUnroll];
+    load_unrolled(s, a.pl + static_cast<int64_t>(j) * a.S, x0, stride, a.S);
+    for (int jj = j + 1; jj < jend; ++jj) {
+      acc_t v[kTailUnroll];
+      load_unrolled(v, a.pf + static_cast<int64_t>(jj) * a.S, x0, stride, a.S);
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        s[u] += v[u];
-        s[u] += w[u];
+      for (int u = 0; u < kTailUnroll; ++u) s[u] += v[u];
+    }
+    int off[kTailUnroll];
+    int cnt = 0;  // elements of this group inside the slice (a prefix of u)
+#pragma unroll
+    for (int u = 0; u < kTailUnroll; ++u) {
+      off[u] = x0 + u * stride;
+      if (off[u] < a.S) cnt = u + 1;
+    }
+    if (whole) {
+#pragma unroll
+      for (int u = 0; u < kTailUnroll; ++u) {
+        if (u < cnt) acc[off[u]] = s[u];
       }
-    }
-    if (jj < jend) {
-      acc_t v[kUnroll];
-      load_unrolled(v, a.pf + static_cast<int64_t>(jj) * a.S, x0, a.S);
+    } else if (a.mode == kWriteGrad) {
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) s[u] += v[u];
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int x = x0 + u * kThreads;
-      if (x < a.S) acc[x] = s[u];
+      for (int u = 0; u < kTailUnroll; ++u) {
+        if (u < cnt) a.grad[base + off[u]] = static_cast<scalar_t>(s[u]);
+      }
+    } else {
+      update_elements<kTailUnroll>(a, base, off, s, cnt, acc_t(1));
     }
   }
-  __syncthreads();
-  finalize_slice(a, dg, acc, sm + a.sm_red);
+  if (whole) {
+    __syncthreads();
+    finalize_slice(a, dg, acc, sm + a.sm_red);
+  }
 }
 
 // ------------------------------------------------------------------ host side
@@ -1625,6 +1622,80 @@ int state_dtype_code(at::ScalarType s) {
 }
 
 // Backward: core gradients (mode kWriteGrad into `grads`) or the fused update.
+// One sort of step 5 (tt_cuda_digit_sort.cuh): the items, or unique rows, of a core
+// ordered by the core's digit, stable.
+struct DigitSortJob {
+  const int32_t* src = nullptr;    // digit per entry, valid below *count
+  const int32_t* count = nullptr;
+  int32_t sentinel = 0;            // key of the entries past the count (sorts last)
+  int n = 0;                       // entries sorted
+  int passes = 1;                  // kSortBits bits per pass
+  int32_t* keys = nullptr;         // out: sorted digits
+  int32_t* vals = nullptr;         // out: the entry of each
+  int32_t* tmp_keys = nullptr;     // ping-pong buffers (passes >= 2)
+  int32_t* tmp_vals = nullptr;
+};
+
+// Counts of one pass over all jobs (int64 each; the scan's length).
+int64_t digit_sort_counts(const DigitSortJob* jobs, int njobs) {
+  int64_t h = 0;
+  for (int j = 0; j < njobs; ++j) h += kSortBins * ceil_div(jobs[j].n, kSortTile);
+  return h;
+}
+
+size_t digit_sort_temp_bytes(int64_t counts, cudaStream_t stream) {
+  size_t bytes = 0;
+  C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(
+      nullptr, bytes, static_cast<const int64_t*>(nullptr), static_cast<int64_t*>(nullptr), static_cast<int>(counts),
+      stream));
+  return bytes;
+}
+
+// All jobs, pass by pass: per pass one histogram launch, one scan, one scatter launch. The
+// last pass of a job writes keys / vals, the ones before alternate with the tmp buffers.
+void run_digit_sorts(
+    const DigitSortJob* jobs, int njobs, int64_t* hist, int64_t* offs, void* temp, size_t temp_bytes,
+    cudaStream_t stream) {
+  int max_passes = 0;
+  for (int j = 0; j < njobs; ++j) max_passes = std::max(max_passes, jobs[j].n > 0 ? jobs[j].passes : 0);
+  for (int pass = 0; pass < max_passes; ++pass) {
+    DigitSortPass a{};
+    a.shift = pass * kSortBits;
+    int blocks = 0;
+    int64_t h = 0, nb = 0;
+    for (int j = 0; j < njobs; ++j) {
+      const DigitSortJob& job = jobs[j];
+      if (job.n == 0 || pass >= job.passes) continue;
+      const int s = a.nsorts++;
+      const int tiles = static_cast<int>(ceil_div(job.n, kSortTile));
+      a.tile0[s] = blocks;
+      a.n[s] = job.n;
+      a.hist0[s] = h;
+      a.nbase[s] = nb;
+      blocks += tiles;
+      h += int64_t{kSortBins} * tiles;
+      nb += job.n;
+      a.src[s] = job.src;
+      a.count[s] = job.count;
+      a.sentinel[s] = job.sentinel;
+      const bool last_parity = (job.passes - 1 - pass) % 2 == 0;  // this pass writes keys / vals
+      a.keys_out[s] = last_parity ? job.keys : job.tmp_keys;
+      a.vals_out[s] = last_parity ? job.vals : job.tmp_vals;
+      a.keys_in[s] = last_parity ? job.tmp_keys : job.keys;  // the previous pass's output
+      a.vals_in[s] = last_parity ? job.tmp_vals : job.vals;
+    }
+    a.tile0[a.nsorts] = blocks;
+    a.hist = hist;
+    a.offs = offs;
+    tt_digit_hist_kernel<<<blocks, kSortThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    size_t b = temp_bytes;
+    C10_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp, b, hist, offs, static_cast<int>(h), stream));
+    tt_digit_scatter_kernel<<<blocks, kSortThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 template <typename scalar_t>
 void run_backward(
     const char* op,
@@ -1670,32 +1741,37 @@ void run_backward(
   const at::Tensor go = grad_output.to(acc_type).contiguous();
 
   // Scratch of steps 4-6, one allocation: per-item / per-row records, digit sort
-  // buffers, chunk partials of the reductions.
-  const int64_t max_n = std::max(bt.max_items, bt.max_urows);
+  // buffers, chunk partials of the reductions, the list of runs that cross chunks.
   acc_t* xbuf = nullptr;
   acc_t* tbuf[kMaxCores] = {};
   acc_t* dtbuf[kMaxCores] = {};
-  int32_t* iota = nullptr;
-  int32_t* keys[kMaxCores] = {};
   int32_t* sorted_keys[kMaxCores] = {};
   int32_t* perms[kMaxCores] = {};
   acc_t* pf[kMaxCores + 1] = {};  // [d]: the cache
   acc_t* pl[kMaxCores + 1] = {};
   acc_t* hbuf = nullptr;  // cached op: gradient of every hit row, and its slot
   int32_t* hdig = nullptr;
+  int64_t* sort_hist = nullptr;
+  int64_t* sort_offs = nullptr;
+  int2* cross = nullptr;
   void* temp = nullptr;
   int64_t nkeys[kMaxCores] = {};
-  size_t temp_bytes = 1;
+  // Step 5's sorts: every core's items (the last core's unique rows) by its digit, but
+  // core d-2's: the item order already groups it.
+  DigitSortJob jobs[kMaxCores];
+  int njobs = 0;
   for (int k = 0; k < d; ++k) {
     nkeys[k] = k == L ? bt.max_urows : bt.max_items;
-    if (k == L - 1) continue;  // items come grouped by the digit of core d-2
-    size_t b = 0;
-    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-        nullptr, b, static_cast<const uint32_t*>(nullptr), static_cast<uint32_t*>(nullptr),
-        static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), static_cast<int>(nkeys[k]), 0,
-        bits_for(t.p[k]), stream));
-    temp_bytes = std::max(temp_bytes, b);
+    if (k == L - 1) continue;
+    DigitSortJob& job = jobs[njobs++];
+    job.src = k == L ? bt.urow_dig : bt.item_dig[k];
+    job.count = bt.counts + (k == L ? kTTRows : kItems);
+    job.sentinel = t.p[k];
+    job.n = static_cast<int>(nkeys[k]);
+    job.passes = static_cast<int>(ceil_div(bits_for(static_cast<uint64_t>(t.p[k])), kSortBits));
   }
+  const int64_t sort_counts = digit_sort_counts(jobs, njobs);
+  const size_t temp_bytes = digit_sort_temp_bytes(sort_counts, stream);
   Arena ar;
   ar.add(&xbuf, bt.max_urows * t.S[L]);
   // The fast item kernels write no T record for core 1 (its reduction reads core 0); the
@@ -1709,9 +1785,7 @@ void run_backward(
     if (!(fused1 && k == 1)) ar.add(&dtbuf[k], bt.max_items * int64_t{t.Q[k]} * t.n[k]);
     if (k >= 1 && !(fast && k == 1)) ar.add(&tbuf[k], bt.max_items * int64_t{t.Q[k]} * t.r[k]);
   }
-  ar.add(&iota, max_n);
   for (int k = 0; k < d; ++k) {
-    ar.add(&keys[k], nkeys[k]);
     if (k != L - 1) {
       ar.add(&sorted_keys[k], nkeys[k]);
       ar.add(&perms[k], nkeys[k]);
@@ -1720,15 +1794,40 @@ void run_backward(
     ar.add(&pf[k], nchunks * t.S[k]);
     ar.add(&pl[k], nchunks * t.S[k]);
   }
+  for (int j = 0; j < njobs; ++j) {
+    if (jobs[j].passes > 1) {
+      ar.add(&jobs[j].tmp_keys, jobs[j].n);
+      ar.add(&jobs[j].tmp_vals, jobs[j].n);
+    }
+  }
+  ar.add(&sort_hist, sort_counts);
+  ar.add(&sort_offs, sort_counts);
   if (cached) {
     ar.add(&hbuf, bt.max_urows * int64_t{t.D});
     ar.add(&hdig, bt.max_urows);
     ar.add(&pf[d], ceil_div(bt.max_urows, kReduceChunk) * t.D);
     ar.add(&pl[d], ceil_div(bt.max_urows, kReduceChunk) * t.D);
   }
-  ar.add_bytes(&temp, temp_bytes);
+  // A crossing run spans >= 2 chunks and is the only run of its digit (cache slot):
+  // at most min(chunks, distinct digits) per entry.
+  const int nentries = d + (cached ? 1 : 0);
+  int64_t cross_cap = 0;
+  for (int k = 0; k < nentries; ++k) {
+    const int64_t n = k == d ? bt.max_urows : nkeys[k];
+    const int64_t distinct = k == d ? cache_ids.numel() : t.p[k];
+    cross_cap += std::min(ceil_div(n, kReduceChunk), distinct);
+  }
+  TORCH_CHECK(cross_cap * kTailParts < INT_MAX, op, ": too many reduction chunks");
+  ar.add(&cross, cross_cap);
+  ar.add_bytes(&temp, std::max<size_t>(temp_bytes, 1));
   const at::Tensor scratch = ar.allocate(cores[0].options());
-  if (L >= 1) sorted_keys[L - 1] = keys[L - 1];  // items come grouped by this digit
+  if (L >= 1) sorted_keys[L - 1] = bt.item_dig[L - 1];  // items come grouped by this digit
+  for (int k = 0, j = 0; k < d; ++k) {
+    if (k == L - 1) continue;
+    jobs[j].keys = sorted_keys[k];
+    jobs[j].vals = perms[k];
+    ++j;
+  }
 
   // Plan of step 6 (before step 4: the fused item kernel takes core 1's entry): every
   // core's slices reduced and finalised (gradient or update): one launch per kind of sum
@@ -1740,8 +1839,6 @@ void run_backward(
   size_t kind_bytes[kNumReduceKinds] = {};
   ReduceLaunch<scalar_t, acc_t> tl{};
   size_t tail_bytes = 0;
-  int tail_blocks = 0;
-  const int nentries = d + (cached ? 1 : 0);
   for (int k = 0; k < nentries; ++k) {
     // middle cores sum T_{k-1}^T dT_k (register-tiled for r_k = 32, n_k = 128 in float),
     // the first and last a plain sum of their S-element rows; entry d (cached op) sums
@@ -1784,6 +1881,10 @@ void run_backward(
     }
     r.lr = static_cast<acc_t>(learning_rate);
     r.eps = static_cast<acc_t>(eps);
+    r.entry = k;
+    r.cross = cross;
+    r.ncross = bt.counts + kCrossRuns;
+    r.cross_cap = static_cast<int>(cross_cap);
     SmemPlan sp;
     const int64_t stage_elems = has_T ? int64_t{kNI} * t.Q[k] * (t.r[k] + t.n[k]) : 0;
     if (kind == kFastT && stage_elems >= S) {
@@ -1816,12 +1917,10 @@ void run_backward(
     r.sm_red = tp.take(kThreads + 4);
     tail_bytes = std::max(tail_bytes, static_cast<size_t>(tp.off) * sizeof(acc_t));
     tl.r[k] = r;
-    tl.block0[k] = tail_blocks;
-    TORCH_CHECK(tail_blocks + nb < INT_MAX, op, ": too many reduction blocks");
-    tail_blocks += static_cast<int>(nb);
-    tl.block0[k + 1] = tail_blocks;
   }
   tl.ncores = nentries;
+  tl.cross = cross;
+  tl.ncross = bt.counts + kCrossRuns;
 
   // Step 4: items (prefix products, row gradients, per-item factors).
   if (fast) {
@@ -1864,26 +1963,9 @@ void run_backward(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  // Step 5: digits of every item per core, sorted where the item order does not group them.
-  DigitArgs da{};
-  da.t = t;
-  da.skeys = bt.skeys;
-  da.item_start = bt.item_start;
-  da.urow_start = bt.urow_start;
-  da.counts = bt.counts;
-  da.max_items = bt.max_items;
-  da.max_urows = bt.max_urows;
-  da.iota = iota;
-  for (int k = 0; k < d; ++k) da.keys[k] = keys[k];
-  tt_digits_kernel<<<grid_1d(max_n, 256), 256, 0, stream>>>(da);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  for (int k = 0; k < d; ++k) {
-    if (k == L - 1) continue;
-    size_t b = temp_bytes;
-    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-        temp, b, reinterpret_cast<const uint32_t*>(keys[k]), reinterpret_cast<uint32_t*>(sorted_keys[k]), iota, perms[k],
-        static_cast<int>(nkeys[k]), 0, bits_for(t.p[k]), stream));
-  }
+  // Step 5: every core's items (unique rows) sorted by its digit, where the item order
+  // does not group them.
+  run_digit_sorts(jobs, njobs, sort_hist, sort_offs, temp, temp_bytes, stream);
 
   // Step 6: the reductions planned above, launched.
   const decltype(&tt_reduce_kernel<scalar_t, acc_t, kPlainSum>) kernels[kNumReduceKinds] = {
@@ -1899,7 +1981,7 @@ void run_backward(
   }
   auto tail = tt_reduce_tail_kernel<scalar_t, acc_t>;
   prepare_smem(op, tail, tail_bytes, device);
-  tail<<<tail_blocks, kThreads, tail_bytes, stream>>>(tl);
+  tail<<<static_cast<unsigned>(std::max<int64_t>(cross_cap, 1) * kTailParts), kThreads, tail_bytes, stream>>>(tl);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
