@@ -1621,7 +1621,6 @@ int state_dtype_code(at::ScalarType s) {
   return kStateFloat;
 }
 
-// Backward: core gradients (mode kWriteGrad into `grads`) or the fused update.
 // One sort of step 5 (tt_cuda_digit_sort.cuh): the items, or unique rows, of a core
 // ordered by the core's digit, stable.
 struct DigitSortJob {
@@ -1696,6 +1695,7 @@ void run_digit_sorts(
   }
 }
 
+// Backward: core gradients (mode kWriteGrad into `grads`) or the fused update.
 template <typename scalar_t>
 void run_backward(
     const char* op,
