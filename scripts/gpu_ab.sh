@@ -6,6 +6,11 @@
 #   bash scripts/prepare_baseline.sh 665d375                  # here: build/base_665d375 (carry it)
 #   BASELINES="build/base_665d375" bash scripts/gpu_ab.sh     # there
 #
+# The device tool brings back at most 8 files from $OUT, two folders down: write the results one
+# level below and pack them (the command used on 2026-12-06, carrying .whl and the baselines):
+#   mkdir -p $OUT/o; OUT=$OUT/o BASELINES="build/base_665d375" bash scripts/gpu_ab.sh >$OUT/ab.log 2>&1;
+#   tar -czf $OUT/o.tgz -C $OUT o; rm -rf $OUT/o
+#
 # Environment (and every variable of scripts/gpu_run.sh; BENCH_ARGS defaults to --profile 4096x20):
 #   OUT                  results folder (default benchmarks/results/latest)
 #   BASELINES            space-separated checkout folders (their own scripts/gpu_build.sh builds them)
