@@ -142,6 +142,91 @@ def test_single_core_is_rejected():
         TTEmbeddingBag(10, 4, [10], [4], [])
 
 
+# ----------------------------------------------------------------------------- padding_idx
+# Bags: a padding lookup among others, an empty bag, a bag of padding only, duplicates.
+_PAD_IDS = torch.tensor([0, 36, 4, 4, 5, 7, 4, 1, 4])
+_PAD_OFFSETS = torch.tensor([0, 4, 4, 6, 7])
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("padding_idx", [4, -33])  # -33 is row 4 of 37
+def test_padding_idx_forward_matches_nn_embedding_bag(mode, padding_idx):
+    emb = _make(mode=mode, padding_idx=padding_idx)
+    assert emb.padding_idx == 4 and "padding_idx=4" in repr(emb)
+    ref = nn.EmbeddingBag.from_pretrained(_oracle_table(emb), mode=mode, padding_idx=4)
+    torch.testing.assert_close(emb(_PAD_IDS, _PAD_OFFSETS), ref(_PAD_IDS, _PAD_OFFSETS))
+    ids2 = torch.tensor([[4, 2, 3], [4, 4, 4], [36, 4, 0]], dtype=torch.int32)  # 2-D, int32
+    torch.testing.assert_close(emb(ids2), ref(ids2))
+    assert emb(torch.tensor([4, 4]), torch.tensor([0])).abs().max() == 0  # the TT row itself is not zero
+    assert _oracle_table(emb)[4].abs().max() > 0
+
+
+def test_padding_idx_per_sample_weights_and_their_gradient_match_nn_embedding_bag():
+    emb = _make(padding_idx=4)
+    ref = nn.EmbeddingBag.from_pretrained(_oracle_table(emb), mode="sum", padding_idx=4)
+    w = torch.rand(_PAD_IDS.numel(), dtype=torch.float64, requires_grad=True)
+    w_ref = w.detach().clone().requires_grad_(True)
+    g = torch.randn(_PAD_OFFSETS.numel(), 6, dtype=torch.float64)
+    out = emb(_PAD_IDS, _PAD_OFFSETS, w)
+    out_ref = ref(_PAD_IDS, _PAD_OFFSETS, per_sample_weights=w_ref)
+    torch.testing.assert_close(out, out_ref)
+    out.backward(g)
+    out_ref.backward(g)
+    torch.testing.assert_close(w.grad, w_ref.grad)
+    assert (w.grad[_PAD_IDS == 4] == 0).all()
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_padding_idx_gets_no_gradient_and_training_matches_the_oracle(mode, sparse):
+    lr = 0.3
+    emb = _make(mode=mode, padding_idx=4, sparse=sparse, learning_rate=lr)
+    params = [nn.Parameter(c.detach().clone()) for c in emb.tt_cores]
+    g = torch.randn(_PAD_OFFSETS.numel(), 6, dtype=torch.float64)
+    # oracle: autograd through the dense table with nn's padding_idx
+    table = _oracle_table(emb, params)
+    out_ref = torch.nn.functional.embedding_bag(_PAD_IDS, table, _PAD_OFFSETS, mode=mode, padding_idx=4)
+    (out_ref * g).sum().backward()
+    (emb(_PAD_IDS, _PAD_OFFSETS) * g).sum().backward()
+    if sparse:  # fused SGD applied in the backward
+        for c, prm in zip(emb.tt_cores, params, strict=True):
+            torch.testing.assert_close(c.detach(), (prm - lr * prm.grad).detach(), rtol=1e-9, atol=1e-11)
+    else:
+        for c, prm in zip(emb.tt_cores, params, strict=True):
+            torch.testing.assert_close(c.grad, prm.grad, rtol=1e-9, atol=1e-11)
+    # a batch of padding lookups only: no core changes and no gradient
+    emb2 = _make(mode=mode, padding_idx=4, sparse=sparse)
+    before = [c.detach().clone() for c in emb2.tt_cores]
+    emb2(torch.tensor([4, 4, 4]), torch.tensor([0, 1])).sum().backward()
+    for c, b in zip(emb2.tt_cores, before, strict=True):
+        assert torch.equal(c.detach(), b)
+        assert c.grad is None or not c.grad.any()
+
+
+def test_padding_idx_with_the_row_cache_matches_nn_embedding_bag():
+    emb = _make(mode="mean", padding_idx=4, sparse=True, use_cache=True, cache_size=3)
+    emb.train()
+    with torch.no_grad():
+        emb(_PAD_IDS, _PAD_OFFSETS)  # counts: 4 is the most frequent, then 7 / 5 / ...
+    emb.cache_populate()
+    assert 4 in emb.cache.cache_ids.tolist()
+    ref = nn.EmbeddingBag.from_pretrained(emb.full_weight().detach(), mode="mean", padding_idx=4)
+    emb.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(emb(_PAD_IDS, _PAD_OFFSETS), ref(_PAD_IDS, _PAD_OFFSETS))
+
+
+def test_padding_idx_bad_input_errors_name_the_table():
+    with pytest.raises(ValueError, match=r"TTEmbeddingBag 'tbl': padding_idx must be in \[-37, 37\), got 37"):
+        _make(padding_idx=37, name="tbl")
+    emb = _make(mode="mean", padding_idx=4, include_last_offset=True, name="tbl")
+    for offsets in (torch.tensor([0, 3, 5]), torch.tensor([0, 7, 3, 9]), torch.tensor([0])):  # 9 ids
+        with pytest.raises(ValueError, match="TTEmbeddingBag 'tbl'.*offsets"):
+            emb(_PAD_IDS, offsets)
+    with pytest.raises(IndexError, match="TTEmbeddingBag 'tbl'"):
+        emb(torch.tensor([4, 37]), torch.tensor([0, 2]))
+
+
 # ----------------------------------------------------------------------------- shapes
 @pytest.mark.parametrize("n,d,cores", [(10, 3, 3), (1000, 64, 3), (1_000_003, 128, 3), (97, 16, 2), (5000, 32, 4), (12345, 10, 5)])
 def test_automatic_factorisation(n, d, cores):

@@ -139,6 +139,10 @@ class TTEmbeddingBag(nn.Module):
             ``"approx-normal"`` (see :mod:`torchrec_tt.modules.tt_init`).
         mode (str): ``"sum"`` or ``"mean"`` pooling.
         include_last_offset (bool): as in ``nn.EmbeddingBag``.
+        padding_idx (int, optional): as in ``nn.EmbeddingBag``: lookups of this row are left out
+            of their bag's sum or mean (and of its count) and get no gradient. Its TT row is not
+            zero (``full_weight()`` shows it), but no bag ever adds it. Internally the ops pool
+            with per-lookup weights: 0 for the padding, the mean's ``1 / count`` otherwise.
         name (str): table name used in error messages.
         device (torch.device, optional): where the cores live (``"meta"`` allowed).
         dtype (torch.dtype, optional): dtype of the cores (default float32).
@@ -176,6 +180,7 @@ class TTEmbeddingBag(nn.Module):
         *,
         mode: str = "sum",
         include_last_offset: bool = False,
+        padding_idx: int | None = None,
         name: str = "TTEmbeddingBag",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -213,8 +218,17 @@ class TTEmbeddingBag(nn.Module):
         self.eps = float(eps)
         self.use_cache, self.cache_size = use_cache, cache_size
         self.weight_dist = weight_dist
+        if padding_idx is not None:
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(
+                    f"TTEmbeddingBag '{name}': padding_idx must be in [-{num_embeddings}, {num_embeddings}), "
+                    f"got {padding_idx}"
+                )
+            padding_idx %= num_embeddings
+        self.padding_idx = padding_idx
         self.mode = mode
-        self._pooling_mode = int(_MODES[mode])
+        # the ops' pooling: with a padding row, a weighted sum (weights from _mask_padding)
+        self._pooling_mode = int(_MODES[mode] if padding_idx is None else PoolingMode.SUM)
         self.include_last_offset = include_last_offset
         factory = {"device": device, "dtype": dtype or torch.float32}
         self.tt_cores = nn.ParameterList(
@@ -426,7 +440,29 @@ class TTEmbeddingBag(nn.Module):
                 offsets = torch.cat([offsets, offsets.new_full((1,), input.shape[0])])
         else:
             raise ValueError(f"TTEmbeddingBag '{self.name}': input must be 1-D or 2-D, got shape {tuple(input.shape)}")
+        if self.padding_idx is not None:
+            per_sample_weights = self._mask_padding(input, offsets, per_sample_weights)
         return input, offsets, per_sample_weights
+
+    def _mask_padding(self, indices: Tensor, offsets: Tensor, weights: Tensor | None) -> Tensor:
+        """Per-lookup weights that leave out ``padding_idx``.
+
+        0 for its lookups, else the caller's weight (1 without), divided by the bag's count
+        of other lookups in mean mode. Device ops only (no host sync); differentiable in
+        ``weights``.
+        """
+        keep = indices != self.padding_idx
+        dtype = weights.dtype if weights is not None else self.tt_cores[0].dtype
+        w = keep.to(dtype) if weights is None else weights * keep
+        if self.mode == "mean" and offsets.numel() > 1:
+            # malformed offsets are clamped here and reported by the op, with the table's name
+            offsets = offsets.long().clamp(0, indices.numel())
+            kept = torch.cat([keep.new_zeros(1, dtype=torch.long), keep.long().cumsum(0)])
+            count = (kept[offsets[1:]] - kept[offsets[:-1]]).clamp_min(1)
+            positions = torch.arange(indices.numel(), device=indices.device)
+            bag = torch.searchsorted(offsets[1:], positions, right=True).clamp_max(count.numel() - 1)
+            w = w / count[bag].to(dtype)
+        return w
 
     def forward(self, input: Tensor, offsets: Tensor | None = None, per_sample_weights: Tensor | None = None) -> Tensor:
         """Pooled lookup, as ``nn.EmbeddingBag.forward``.
@@ -552,6 +588,8 @@ class TTEmbeddingBag(nn.Module):
             f"{self.num_embeddings}, {self.embedding_dim}, tt_p_shapes={self.tt_p_shapes}, "
             f"tt_q_shapes={self.tt_q_shapes}, tt_ranks={self.tt_ranks}, mode={self.mode!r}"
         )
+        if self.padding_idx is not None:
+            s += f", padding_idx={self.padding_idx}"
         if self.sparse:
             s += f", sparse=True, optimizer={self.optimizer.name}, learning_rate={self.learning_rate}"
         if self.cache is not None:
