@@ -126,7 +126,7 @@ def test_bad_input_errors_name_the_table():
         ({"tt_ranks": [3]}, ValueError, "inconsistent number of TT cores"),
         ({"tt_ranks": [3, 0]}, ValueError, "positive"),
         ({"tt_ranks": None}, ValueError, "tt_ranks is required"),
-        ({"mode": "max"}, ValueError, "mode must be"),
+        ({"mode": "median"}, ValueError, "mode must be .sum., .mean. or .max."),
         ({"weight_dist": "xavier"}, ValueError, "weight_dist"),
         ({"sparse": True, "optimizer": OptimType.ADAM}, NotImplementedError, "ADAM is not implemented"),
         ({"sparse": True, "optimizer": "adamw"}, ValueError, "unknown optimizer"),
@@ -225,6 +225,73 @@ def test_padding_idx_bad_input_errors_name_the_table():
             emb(_PAD_IDS, offsets)
     with pytest.raises(IndexError, match="TTEmbeddingBag 'tbl'"):
         emb(torch.tensor([4, 37]), torch.tensor([0, 2]))
+
+
+# ----------------------------------------------------------------------------- mode="max"
+@pytest.mark.parametrize("padding_idx", [None, 4])
+def test_max_mode_forward_matches_nn_embedding_bag(padding_idx):
+    emb = _make(mode="max", padding_idx=padding_idx)
+    ref = nn.EmbeddingBag.from_pretrained(_oracle_table(emb), mode="max", padding_idx=padding_idx)
+    torch.testing.assert_close(emb(_PAD_IDS, _PAD_OFFSETS), ref(_PAD_IDS, _PAD_OFFSETS))  # an empty bag
+    ids2 = torch.tensor([[4, 2, 3], [36, 36, 0]], dtype=torch.int32)
+    torch.testing.assert_close(emb(ids2), ref(ids2))
+    emb.include_last_offset = ref.include_last_offset = True
+    last = torch.cat([_PAD_OFFSETS, torch.tensor([_PAD_IDS.numel()])])
+    torch.testing.assert_close(emb(_PAD_IDS, last), ref(_PAD_IDS, last))
+
+
+@pytest.mark.parametrize("optimizer", [None, OptimType.EXACT_SGD, OptimType.EXACT_ADAGRAD])
+def test_max_mode_training_matches_the_oracle(optimizer):
+    lr, eps = 0.3, 1e-6
+    sparse = optimizer is not None
+    kw = {"optimizer": optimizer, "learning_rate": lr, "eps": eps} if sparse else {}
+    emb = _make(mode="max", padding_idx=4, sparse=sparse, **kw)
+    params = [nn.Parameter(c.detach().clone()) for c in emb.tt_cores]
+    opt = torch.optim.Adagrad(params, lr=lr, eps=eps) if optimizer == OptimType.EXACT_ADAGRAD else torch.optim.SGD(params, lr=lr)
+    g = torch.randn(_PAD_OFFSETS.numel(), 6, dtype=torch.float64)
+    for _ in range(2):
+        (emb(_PAD_IDS, _PAD_OFFSETS) * g).sum().backward()
+        opt.zero_grad()
+        out_ref = torch.nn.functional.embedding_bag(
+            _PAD_IDS, _oracle_table(emb, params), _PAD_OFFSETS, mode="max", padding_idx=4
+        )
+        (out_ref * g).sum().backward()
+        if not sparse:
+            for c, prm in zip(emb.tt_cores, params, strict=True):
+                torch.testing.assert_close(c.grad, prm.grad, rtol=1e-9, atol=1e-11)
+            break
+        opt.step()
+        for c, prm in zip(emb.tt_cores, params, strict=True):
+            torch.testing.assert_close(c.detach(), prm.detach(), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_max_mode_ties_share_the_gradient(sparse):
+    # a bag of one id twice: both lookups hold the max; the row gets the bag's gradient once
+    emb = _make(mode="max", sparse=sparse, learning_rate=1.0)
+    params = [nn.Parameter(c.detach().clone()) for c in emb.tt_cores]
+    ids, offsets = torch.tensor([7, 7, 3]), torch.tensor([0, 2])
+    g = torch.randn(2, 6, dtype=torch.float64)
+    (emb(ids, offsets) * g).sum().backward()
+    table = _oracle_table(emb, params)
+    ((torch.stack([table[7], table[3]])) * g).sum().backward()
+    for c, prm in zip(emb.tt_cores, params, strict=True):
+        got = (prm.detach() - c.detach()) if sparse else c.grad  # fused SGD, lr = 1
+        torch.testing.assert_close(got, prm.grad, rtol=1e-9, atol=1e-11)
+
+
+def test_max_mode_bad_input_errors_name_the_table():
+    emb = _make(mode="max", name="tbl")
+    with pytest.raises(ValueError, match="TTEmbeddingBag 'tbl': per_sample_weights are not supported with mode='max'"):
+        emb(_PAD_IDS, _PAD_OFFSETS, torch.ones(_PAD_IDS.numel(), dtype=torch.float64))
+    emb.include_last_offset = True
+    for offsets in (torch.tensor([0, 3, 5]), torch.tensor([1, 9]), torch.tensor([0, 7, 3, 9])):
+        with pytest.raises(ValueError, match="TTEmbeddingBag 'tbl': offsets must start at 0"):
+            emb(_PAD_IDS, offsets)
+    with pytest.raises(IndexError, match="TTEmbeddingBag 'tbl'"):
+        emb(torch.tensor([4, 37]), torch.tensor([0, 2]))
+    with pytest.raises(NotImplementedError, match="TTEmbeddingBag 'c': mode='max' does not support use_cache"):
+        _make(mode="max", sparse=True, use_cache=True, cache_size=2, name="c")
 
 
 # ----------------------------------------------------------------------------- shapes

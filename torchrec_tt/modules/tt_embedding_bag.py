@@ -34,7 +34,27 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["TTEmbeddingBag"]
 
-_MODES = {"sum": PoolingMode.SUM, "mean": PoolingMode.MEAN}
+_MODES = {"sum": PoolingMode.SUM, "mean": PoolingMode.MEAN, "max": PoolingMode.SUM}  # max: see _max_pool
+
+
+def _max_pool(rows: Tensor, bag: Tensor, num_bags: int) -> Tensor:
+    """Per bag the element-wise max of its rows (0 for an empty bag); bag == num_bags: left out."""
+    index = bag[:, None].expand(-1, rows.shape[1])
+    out = rows.new_zeros(num_bags + 1, rows.shape[1]).scatter_reduce(0, index, rows, "amax", include_self=False)
+    return out[:num_bags]
+
+
+def _max_pool_row_grads(grad_out: Tensor, rows: Tensor, out: Tensor, bag: Tensor) -> Tensor:
+    """Gradient of every looked-up row under ``_max_pool``.
+
+    The bag's gradient where the row holds the bag's max, shared evenly between rows that tie
+    (``scatter_reduce``'s rule); 0 for left-out rows.
+    """
+    pad = grad_out.new_zeros(1, grad_out.shape[1])
+    g, o = torch.cat([grad_out, pad]), torch.cat([out, pad.to(out.dtype)])
+    selected = rows == o[bag]
+    ties = torch.zeros_like(o).index_add_(0, bag, selected.to(o.dtype))
+    return g[bag] * selected / ties[bag].clamp_min(1)
 
 
 class _FusedTTEmbeddingBag(torch.autograd.Function):
@@ -66,6 +86,33 @@ class _FusedTTEmbeddingBag(torch.autograd.Function):
             ).to(weights.dtype)
         table._apply_fused_update(grad_output, indices, offsets, weights)
         return (None, None, None, weight_grad, *([None] * len(ctx.cores)))
+
+
+class _FusedMaxTTEmbeddingBag(torch.autograd.Function):
+    """Max-pooled lookup whose backward applies the module's fused optimizer to the selected rows."""
+
+    @staticmethod
+    def forward(ctx: Any, table: TTEmbeddingBag, indices: Tensor, bag: Tensor, num_bags: int, *cores: Tensor) -> Tensor:
+        rows = tt_lookup_rows(list(cores), indices, *table._op_shape_args())
+        out = _max_pool(rows, bag, num_bags)
+        ctx.table, ctx.cores = table, cores
+        ctx.versions = None if torch.compiler.is_compiling() else [c._version for c in cores]
+        ctx.save_for_backward(indices, bag, rows, out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
+        indices, bag, rows, out = ctx.saved_tensors
+        table: TTEmbeddingBag = ctx.table
+        if ctx.versions is not None and [c._version for c in ctx.cores] != ctx.versions:
+            raise RuntimeError(
+                f"TTEmbeddingBag '{table.name}' (sparse=True): the TT cores changed between this forward and its "
+                "backward. Run one backward per lookup, or concatenate the lookups into one call."
+            )
+        row_grads = _max_pool_row_grads(grad_output, rows, out, bag)
+        one_per_bag = torch.arange(indices.numel() + 1, device=indices.device, dtype=indices.dtype)
+        table._apply_fused_update(row_grads.contiguous(), indices, one_per_bag, None, int(PoolingMode.SUM))
+        return (None, None, None, None, *([None] * len(ctx.cores)))
 
 
 class _CachedFusedTTEmbeddingBag(torch.autograd.Function):
@@ -137,7 +184,10 @@ class TTEmbeddingBag(nn.Module):
         hashtbl_size (int): slots of the access-frequency hash table (``0``: ``4 * cache_size``).
         weight_dist (str): ``"uniform"``, ``"normal"``, ``"approx-uniform"`` or
             ``"approx-normal"`` (see :mod:`torchrec_tt.modules.tt_init`).
-        mode (str): ``"sum"`` or ``"mean"`` pooling.
+        mode (str): ``"sum"``, ``"mean"`` or ``"max"`` pooling (``"max"``: the element-wise
+            max of the bag's rows, as in ``nn.EmbeddingBag``; its gradient goes to the rows
+            holding the max, shared evenly between rows that tie; no per-sample weights, no
+            cache).
         include_last_offset (bool): as in ``nn.EmbeddingBag``.
         padding_idx (int, optional): as in ``nn.EmbeddingBag``: lookups of this row are left out
             of their bag's sum or mean (and of its count) and get no gradient. Its TT row is not
@@ -195,7 +245,9 @@ class TTEmbeddingBag(nn.Module):
                 "optimizer; torch.optim optimizers would keep per-slot state across evictions)"
             )
         if mode not in _MODES:
-            raise ValueError(f"TTEmbeddingBag '{name}': mode must be 'sum' or 'mean', got {mode!r}")
+            raise ValueError(f"TTEmbeddingBag '{name}': mode must be 'sum', 'mean' or 'max', got {mode!r}")
+        if mode == "max" and use_cache:
+            raise NotImplementedError(f"TTEmbeddingBag '{name}': mode='max' does not support use_cache=True")
         if weight_dist not in WEIGHT_DISTS:
             raise ValueError(f"TTEmbeddingBag '{name}': weight_dist must be one of {WEIGHT_DISTS}, got {weight_dist!r}")
         try:
@@ -227,7 +279,8 @@ class TTEmbeddingBag(nn.Module):
             padding_idx %= num_embeddings
         self.padding_idx = padding_idx
         self.mode = mode
-        # the ops' pooling: with a padding row, a weighted sum (weights from _mask_padding)
+        # the ops' pooling: with a padding row, a weighted sum (weights from _mask_padding);
+        # max mode pools in Python (_max_pool) and trains through sum-pooled bags of one row
         self._pooling_mode = int(_MODES[mode] if padding_idx is None else PoolingMode.SUM)
         self.include_last_offset = include_last_offset
         factory = {"device": device, "dtype": dtype or torch.float32}
@@ -440,9 +493,44 @@ class TTEmbeddingBag(nn.Module):
                 offsets = torch.cat([offsets, offsets.new_full((1,), input.shape[0])])
         else:
             raise ValueError(f"TTEmbeddingBag '{self.name}': input must be 1-D or 2-D, got shape {tuple(input.shape)}")
-        if self.padding_idx is not None:
+        if self.mode == "max":
+            if per_sample_weights is not None:
+                raise ValueError(f"TTEmbeddingBag '{self.name}': per_sample_weights are not supported with mode='max'")
+        elif self.padding_idx is not None:
             per_sample_weights = self._mask_padding(input, offsets, per_sample_weights)
         return input, offsets, per_sample_weights
+
+    def _max_bags(self, indices: Tensor, offsets: Tensor) -> Tensor:
+        """The bag of every lookup (``B`` for ``padding_idx`` lookups), offsets checked.
+
+        A check fails with a ValueError on CPU and a device-side assert on CUDA (no host sync),
+        as the ops' own checks do.
+        """
+        nnz = indices.numel()
+        if indices.dim() != 1 or offsets.dim() != 1 or offsets.numel() < 1:
+            raise ValueError(f"TTEmbeddingBag '{self.name}': offsets must have B + 1 >= 1 entries")
+        offsets = offsets.long()
+        ok = (offsets[0] == 0) & (offsets[-1] == nnz) & (offsets.diff() >= 0).all()
+        message = (
+            f"TTEmbeddingBag '{self.name}': offsets must start at 0, be non-decreasing and end at the "
+            f"number of ids ({nnz})"
+        )
+        if offsets.is_cuda:
+            torch._assert_async(ok, message)
+        elif not bool(ok):
+            raise ValueError(message)
+        positions = torch.arange(nnz, device=indices.device)
+        bag = torch.searchsorted(offsets[1:], positions, right=True).clamp_max(offsets.numel() - 1)
+        if self.padding_idx is not None:
+            bag = torch.where(indices == self.padding_idx, offsets.numel() - 1, bag)
+        return bag
+
+    def _max_forward(self, indices: Tensor, offsets: Tensor, cores: list[Tensor]) -> Tensor:
+        bag = self._max_bags(indices, offsets)
+        num_bags = offsets.numel() - 1
+        if self.sparse and torch.is_grad_enabled():
+            return _FusedMaxTTEmbeddingBag.apply(self, indices, bag, num_bags, *cores)
+        return _max_pool(tt_lookup_rows(cores, indices, *self._op_shape_args()), bag, num_bags)
 
     def _mask_padding(self, indices: Tensor, offsets: Tensor, weights: Tensor | None) -> Tensor:
         """Per-lookup weights that leave out ``padding_idx``.
@@ -478,6 +566,13 @@ class TTEmbeddingBag(nn.Module):
         """
         indices, offsets, weights = self._bags(input, offsets, per_sample_weights)
         cores = self._core_list()
+        if self.mode == "max":
+            try:
+                return self._max_forward(indices, offsets, cores)
+            except (IndexError, ValueError) as e:
+                if f"TTEmbeddingBag '{self.name}'" in str(e):
+                    raise
+                raise type(e)(f"TTEmbeddingBag '{self.name}': {e}") from e
         if self.cache is not None:
             return self._cached_forward(indices, offsets, weights, cores)
         try:
