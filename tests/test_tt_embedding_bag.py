@@ -294,6 +294,36 @@ def test_max_mode_bad_input_errors_name_the_table():
         _make(mode="max", sparse=True, use_cache=True, cache_size=2, name="c")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_cuda_padding_idx_and_max_mode_match_cpu_without_host_sync(mode):
+    def run(device, no_sync):
+        emb = _make(mode=mode, padding_idx=4, sparse=True, learning_rate=0.2).to(device)
+        outs = []
+        for _ in range(2):
+            ids, offsets = _PAD_IDS.to(device), _PAD_OFFSETS.to(device)
+            g = torch.linspace(-1, 1, _PAD_OFFSETS.numel() * 6, dtype=torch.float64).view(-1, 6).to(device)
+            if no_sync:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = emb(ids, offsets)
+                out.backward(g)
+            finally:
+                if no_sync:
+                    torch.cuda.set_sync_debug_mode("default")
+            outs.append(out.detach().cpu())
+        return outs, [c.detach().cpu() for c in emb.tt_cores]
+
+    torch.manual_seed(3)
+    cpu_outs, cpu_cores = run("cpu", False)
+    torch.manual_seed(3)
+    cuda_outs, cuda_cores = run("cuda", True)
+    for a, b in zip(cpu_outs + cpu_cores, cuda_outs + cuda_cores, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- shapes
 @pytest.mark.parametrize("n,d,cores", [(10, 3, 3), (1000, 64, 3), (1_000_003, 128, 3), (97, 16, 2), (5000, 32, 4), (12345, 10, 5)])
 def test_automatic_factorisation(n, d, cores):
