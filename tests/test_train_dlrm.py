@@ -235,6 +235,80 @@ def test_criteo_npy_loader(tmp_path):
         list(make_dataset(config_from_dict({**cfg.__dict__, "criteo_days": 5, "train_steps": 0}).data, "train", 0, 1))
 
 
+def _multihot_days(path, days=3, rows=(23, 17, 30), hot=(3, 1, 5)):
+    rng = np.random.default_rng(1)
+    data = []
+    for day in range(days):
+        dense = rng.random((rows[day], 13), dtype=np.float32)
+        labels = rng.integers(0, 2, (rows[day], 1)).astype(np.int32)
+        sparse = {str(f): rng.integers(0, 1000, (rows[day], h)).astype(np.int32) for f, h in enumerate(hot)}
+        np.save(path / f"day_{day}_dense.npy", dense)
+        np.save(path / f"day_{day}_labels.npy", labels)
+        np.savez(path / f"day_{day}_sparse_multi_hot.npz", **sparse)
+        data.append((dense, labels, sparse))
+    return data
+
+
+def test_npz_member_memmap_maps_without_loading(tmp_path):
+    from torchrec_tt.training.criteo_multihot import npz_member_memmap
+
+    arrays = {"0": np.arange(60, dtype=np.int32).reshape(20, 3), "big": np.arange(7, dtype=np.int64)}
+    np.savez(tmp_path / "a.npz", **arrays)
+    for name, arr in arrays.items():
+        mapped = npz_member_memmap(tmp_path / "a.npz", name)
+        assert isinstance(mapped, np.memmap) and mapped.dtype == arr.dtype
+        np.testing.assert_array_equal(mapped, arr)
+    np.savez_compressed(tmp_path / "c.npz", x=np.arange(3))
+    with pytest.raises(ValueError, match="compressed"):
+        npz_member_memmap(tmp_path / "c.npz", "x")
+    with pytest.raises(KeyError, match="no array 'nope'"):
+        npz_member_memmap(tmp_path / "a.npz", "nope")
+
+
+def test_criteo_multihot_loader(tmp_path):
+    data = _multihot_days(tmp_path)
+    sizes = [50, 7, 1000]
+    cfg = config_from_dict({"dataset": "criteo_multihot", "criteo_path": str(tmp_path), "criteo_days": 3,
+                            "batch_size": 4, "num_embeddings_per_feature": sizes, "train_steps": 0}).data
+    ranks = [list(make_dataset(cfg, "train", r, 3)) for r in range(3)]
+    assert len({len(r) for r in ranks}) == 1 == len({len(make_dataset(cfg, "train", r, 3)) for r in range(3)})
+    assert len(ranks[0]) == math.ceil(40 / 12)
+    # the global batches, rank by rank, are the training days' rows in order
+    batches = [b for j in range(len(ranks[0])) for r in ranks for b in [r[j]]]
+    dense = torch.cat([b.dense_features for b in batches])
+    torch.testing.assert_close(dense, torch.from_numpy(np.concatenate([data[0][0], data[1][0]])))
+    labels = torch.cat([b.labels for b in batches])
+    torch.testing.assert_close(labels, torch.from_numpy(np.concatenate([data[0][1], data[1][1]]).reshape(-1).astype(np.float32)))
+    for f, (size, hot) in enumerate(zip(sizes, (3, 1, 5), strict=True)):
+        ids = np.concatenate([data[0][2][str(f)], data[1][2][str(f)]]) % size
+        got = torch.cat([b.sparse_features[f"cat_{f}"].values() for b in batches])
+        assert torch.equal(got, torch.from_numpy(ids.reshape(-1).astype(np.int64)))
+        assert all((b.sparse_features[f"cat_{f}"].lengths() == hot).all() for b in batches)
+    # the last day: val is its first half, test the second
+    val = list(make_dataset(cfg, "val", 0, 1))
+    test = list(make_dataset(cfg, "test", 0, 1))
+    torch.testing.assert_close(torch.cat([b.dense_features for b in val + test]), torch.from_numpy(data[2][0]))
+    assert sum(b.labels.numel() for b in val) == 15
+    # resume: skip the first global batches
+    resumed = list(make_dataset(cfg, "train", 1, 3, start_batch=2))
+    assert torch.equal(resumed[0].dense_features, ranks[1][2].dense_features)
+
+
+def test_criteo_multihot_loader_errors(tmp_path):
+    _multihot_days(tmp_path)
+    base = {"dataset": "criteo_multihot", "criteo_path": str(tmp_path), "criteo_days": 3, "batch_size": 4,
+            "num_embeddings_per_feature": [50, 7, 1000], "train_steps": 0}
+    with pytest.raises(ValueError, match="the files hold \\[3, 1, 5\\] ids per sample, multi_hot_sizes says"):
+        make_dataset(config_from_dict({**base, "multi_hot_sizes": [3, 1, 4]}).data, "train", 0, 1)
+    with pytest.raises(ValueError, match="expected one per feature '0' .. '3'"):
+        make_dataset(config_from_dict({**base, "num_embeddings_per_feature": [5, 5, 5, 5]}).data, "train", 0, 1)
+    with pytest.raises(FileNotFoundError, match="day_3_dense.npy"):
+        make_dataset(config_from_dict({**base, "criteo_days": 5}).data, "train", 0, 1)
+    np.savez(tmp_path / "day_1_sparse_multi_hot.npz", **{str(f): np.zeros((16, 1), np.int32) for f in range(3)})
+    with pytest.raises(ValueError, match="disagree on their rows"):
+        make_dataset(config_from_dict(base).data, "train", 0, 1)
+
+
 def test_criteo_tsv_loader(tmp_path):
     rng = np.random.default_rng(0)
     lines = []
@@ -379,7 +453,7 @@ def test_kill_and_resume(smoke_run, tmp_path):
                 assert mine[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-5), (mine, theirs)
 
 
-@pytest.mark.parametrize("module", ["config", "data", "model"])
+@pytest.mark.parametrize("module", ["config", "data", "model", "criteo_multihot"])
 def test_docstring_examples(module):
     import doctest
     import importlib

@@ -80,7 +80,7 @@ MLPERF_DCNV2_MULTI_HOT_SIZES: list[int] = [
 #: Default (small) cardinalities: Criteo Kaggle's, capped at 200k rows per table.
 _SMALL_NUM_EMBEDDINGS: list[int] = [min(n, 200_000) for n in CRITEO_KAGGLE_NUM_EMBEDDINGS]
 
-DATASETS = ("synthetic", "criteo_npy", "criteo_tsv", "movielens100k")
+DATASETS = ("synthetic", "criteo_npy", "criteo_multihot", "criteo_tsv", "movielens100k")
 MODELS = ("dlrm", "dlrm_dcn")
 COMPRESSIONS = ("tt", "none")
 # Cache settings a table may override in ``tt_table_shapes`` (TTEmbeddingBagConfig fields).
@@ -105,7 +105,9 @@ class DataConfig:
     Args:
         dataset (str): ``synthetic`` (default: power-law ids, planted signal, see
             :class:`torchrec_tt.training.data.SyntheticCriteoDataset`), ``criteo_npy``
-            (torchrec's preprocessed ``day_{i}_{dense,sparse,labels}.npy``),
+            (torchrec's preprocessed ``day_{i}_{dense,sparse,labels}.npy``), ``criteo_multihot``
+            (MLPerf DLRM-DCNv2's ``day_{i}_{dense,labels}.npy`` and ``day_{i}_sparse_multi_hot.npz``,
+            memory-mapped: :class:`torchrec_tt.training.criteo_multihot.CriteoMultiHotDataset`),
             ``criteo_tsv`` (raw Kaggle ``train.txt`` / Terabyte ``day_*`` TSV files,
             categorical values hashed into the table sizes) or ``movielens100k``.
         batch_size (int): training batch size *per rank*.
@@ -113,8 +115,9 @@ class DataConfig:
         num_embeddings_per_feature (list[int]): rows of each categorical feature's table
             (synthetic and Criteo; MovieLens derives its own).
         num_dense_features (int): dense (continuous) features (Criteo: 13).
-        multi_hot_sizes (list[int]): ids per sample of each feature (synthetic only);
-            empty = one id per feature.
+        multi_hot_sizes (list[int]): ids per sample of each feature (synthetic; checked
+            against the files for ``criteo_multihot``); empty = one id per feature (synthetic)
+            or what the files hold.
         zipf_alpha (float): exponent of the power law of synthetic ids (> 1: heavier head).
         signal_scale (float): scale of the planted logit of synthetic labels (0 = labels are
             pure noise, AUC 0.5).
@@ -123,7 +126,7 @@ class DataConfig:
             batches once and cycles through them (throughput benchmarks: data costs nothing);
             0 = a fresh sample every step (accuracy runs).
         data_seed (int): seed of the synthetic generator / MovieLens split.
-        criteo_path (str): directory of the Criteo files (``criteo_npy``/``criteo_tsv``).
+        criteo_path (str): directory of the Criteo files (``criteo_npy``, ``criteo_multihot``, ``criteo_tsv``).
         criteo_days (int): days in ``criteo_path`` (Kaggle preprocessed by torchrec: 7,
             Terabyte: 24); the last day is split into validation and test halves.
         criteo_tsv_files (list[str]): TSV files relative to ``criteo_path`` (default:
@@ -175,7 +178,7 @@ class DataConfig:
             raise ValueError(f"zipf_alpha must be > 0, got {self.zipf_alpha}")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
-        if self.dataset in ("criteo_npy", "criteo_tsv") and not self.criteo_path:
+        if self.dataset in ("criteo_npy", "criteo_multihot", "criteo_tsv") and not self.criteo_path:
             raise ValueError(f"dataset={self.dataset} needs --criteo_path")
 
 

@@ -40,6 +40,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_tt.training.config import DataConfig
+from torchrec_tt.training.criteo_multihot import CriteoMultiHotDataset
 
 logger = logging.getLogger(__name__)
 
@@ -738,6 +739,14 @@ def make_dataset(
             epochs=epochs if stage == "train" else 1,
             start_batch=start_batch if stage == "train" else 0,
         )
+    if cfg.dataset == "criteo_multihot":
+        ds = CriteoMultiHotDataset(
+            cfg.criteo_path, cfg.criteo_days, stage, cfg.num_embeddings_per_feature, batch_size, rank, world_size,
+            multi_hot_sizes=cfg.multi_hot_sizes,
+        )
+        if stage == "train" and (start_batch or epochs != 1):
+            return _Repeat(ds, epochs, start_batch)
+        return ds
     if cfg.dataset == "criteo_npy":
         ds = _criteo_npy_dataset(cfg, stage, batch_size, rank, world_size)
         if stage == "train" and (start_batch or epochs != 1):
