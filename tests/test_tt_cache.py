@@ -296,6 +296,59 @@ def test_counting_matches_a_counter_and_statistics():
     assert {int(k): int(c) for k, c in zip(keys.tolist(), counts.tolist(), strict=True) if k != EMPTY_ID} == got
 
 
+def _counts(cache) -> dict[int, int]:
+    keys, counts = cache.hash_keys.tolist(), cache.hash_counts.tolist()
+    return {int(k): int(c) for k, c in zip(keys, counts, strict=True) if k != EMPTY_ID}
+
+
+def test_count_decay_follows_a_popularity_shift():
+    # id 7 was hot; then id 3 is, a little less per window. Pure LFU keeps 7 cached for good,
+    # halving the counts at every populate lets 3 take its place.
+    caches = {d: TTRowCache(cache_size=1, embedding_dim=2, hashtbl_size=64, count_decay=d) for d in (1.0, 0.5)}
+    for cache in caches.values():
+        cache.record(torch.full((10,), 7))
+        cache.populate(lambda ids: torch.zeros(ids.numel(), 2), None)
+        for _ in range(3):
+            cache.record(torch.full((3,), 3))
+            cache.populate(lambda ids: torch.zeros(ids.numel(), 2), None)
+    assert caches[1.0].cache_ids.tolist() == [7] and _counts(caches[1.0]) == {7: 10, 3: 9}
+    assert caches[0.5].cache_ids.tolist() == [3]
+    # after each populate, 7: 10 -> 5 -> 2 -> 1 -> 0 (gone from the table); 3: 3 -> 1, 4 -> 2, 5 -> 2
+    assert _counts(caches[0.5]) == {3: 2}
+
+
+def test_count_decay_rebuild_frees_slots_and_keeps_probe_runs_valid():
+    cache = TTRowCache(cache_size=2, embedding_dim=2, hashtbl_size=8, max_probes=8, count_decay=0.5)
+    cache.record(torch.arange(8).repeat_interleave(torch.tensor([1, 1, 1, 1, 4, 4, 4, 4])))  # a full table
+    assert len(_counts(cache)) == 8
+    cache.record(torch.tensor([20]))  # no room
+    assert cache.statistics()["hash_dropped"] == 1
+    cache.populate(lambda ids: torch.zeros(ids.numel(), 2), None)
+    assert _counts(cache) == {4: 2, 5: 2, 6: 2, 7: 2}  # the ids counted once decayed to 0 and left
+    cache.record(torch.tensor([20, 21, 20, 5]))  # room again; the survivors are still found by probing
+    assert _counts(cache) == {4: 2, 5: 3, 6: 2, 7: 2, 20: 2, 21: 1}
+    assert cache.statistics()["hash_dropped"] == 1
+    zero = TTRowCache(cache_size=2, embedding_dim=2, hashtbl_size=8, count_decay=0.0)
+    zero.record(torch.tensor([1, 1, 2]))
+    zero.populate(lambda ids: torch.zeros(ids.numel(), 2), None)
+    assert zero.cache_ids.tolist() == [1, 2] and _counts(zero) == {}  # counts restart after each populate
+
+
+def test_count_decay_reaches_the_cache_from_the_module_and_the_configs():
+    from torchrec_tt.modules.tt_embedding_configs import TTEmbeddingBagConfig
+    from torchrec_tt.training.config import ModelConfig
+
+    assert _make(cache_count_decay=0.25).cache.count_decay == 0.25
+    assert "count_decay=0.25" in repr(_make(cache_count_decay=0.25).cache)
+    with pytest.raises(ValueError, match="'c'.*count_decay must be in \\[0, 1\\], got 1.5"):
+        _make(cache_count_decay=1.5, name="c")
+    with pytest.raises(ValueError, match="'t0': cache_count_decay must be in \\[0, 1\\]"):
+        TTEmbeddingBagConfig(name="t0", num_embeddings=100, embedding_dim=4, feature_names=["f"], tt_ranks=[2, 2],
+                             use_cache=True, cache_size=4, cache_count_decay=-0.1)
+    with pytest.raises(ValueError, match="tt_cache_count_decay must be in"):
+        ModelConfig(tt_cache_count_decay=2.0)
+
+
 # ----------------------------------------------------------------------------- state
 def test_checkpoint_round_trip_mid_training_gives_identical_next_steps():
     emb = _make(optimizer=OptimType.EXACT_ADAGRAD, cache_populate_interval=2)
@@ -456,6 +509,23 @@ def test_cuda_cached_training_step_never_syncs_with_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert emb.cache_stats()["hits"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_count_decay_matches_cpu():
+    def run(device):
+        # a table with room for every id: CUDA's slot claims (atomic CAS) may differ from the CPU's
+        cache = TTRowCache(cache_size=4, embedding_dim=2, hashtbl_size=4096, count_decay=0.5, device=device)
+        gen = torch.Generator().manual_seed(2)
+        for step in range(6):
+            ids = (torch.rand(200, generator=gen).pow(3) * (40 + 10 * step)).long()  # a drifting head
+            cache.record(ids.to(device))
+            cache.populate(lambda i: torch.zeros(i.numel(), 2, device=device), None)
+        return cache.cache_ids.cpu().tolist(), _counts(cache), int(cache.stats[4])
+
+    cpu = run("cpu")
+    assert cpu[2] == 0 and run("cuda") == cpu
 
 
 # ----------------------------------------------------------------------------- the cached ops

@@ -171,7 +171,7 @@ class TTLocalShard(nn.Module):
         if uses_cache(config) and self.num_rows > 0:
             self.cache = TTRowCache(
                 config.cache_size, self.num_cols, config.hashtbl_size, optim.optimizer, config.cache_eviction_policy,
-                populate_interval=config.cache_populate_interval,
+                populate_interval=config.cache_populate_interval, count_decay=config.cache_count_decay,
                 name=f"{name} (rows {row_offset}+{num_rows}, columns {col_offset}+{num_cols})", device=device, dtype=dtype,
             )
         self._init_values(config, source)

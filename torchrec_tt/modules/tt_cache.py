@@ -75,6 +75,7 @@ from torchrec_tt.ops import (
 )
 from torchrec_tt.ops.cached_reference import cache_slots
 from torchrec_tt.ops.reference import LFU_EMPTY_KEY, lfu_home_slots
+from torchrec_tt.ops.reference import lfu_cache_record_ as _lfu_insert
 from torchrec_tt.ops.tt_embedding_bag import weights_grad_of_rows
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,10 @@ class TTRowCache(nn.Module):
         max_probes (int): hash-table slots an id probes before it is dropped.
         populate_interval (int): :meth:`populate_due` says yes every this many
             training lookups (``0``: never; populate explicitly).
+        count_decay (float): in ``[0, 1]``; after every populate the access counts are
+            multiplied by it (rounded down), so the cache follows ids whose popularity
+            changes; ids whose count reaches 0 leave the hash table (it is rebuilt), making
+            room for new ones. ``1`` (default): pure LFU, counts never decay.
         name (str): table name used in errors and logs.
         device (torch.device, optional): where the cache lives.
         dtype (torch.dtype, optional): dtype of the cached rows (the cores' dtype).
@@ -145,6 +150,7 @@ class TTRowCache(nn.Module):
         eviction_policy: EvictionPolicy | str = EvictionPolicy.WRITEBACK,
         max_probes: int = 8,
         populate_interval: int = 0,
+        count_decay: float = 1.0,
         name: str = "TTEmbeddingBag",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -162,6 +168,8 @@ class TTRowCache(nn.Module):
             raise ValueError(f"table '{name}': cache max_probes must be >= 1, got {max_probes}")
         if populate_interval < 0:
             raise ValueError(f"table '{name}': cache populate_interval must be >= 0, got {populate_interval}")
+        if not 0.0 <= count_decay <= 1.0:
+            raise ValueError(f"table '{name}': cache count_decay must be in [0, 1], got {count_decay}")
         try:
             self.eviction_policy = EvictionPolicy(getattr(eviction_policy, "value", eviction_policy))
         except ValueError:
@@ -173,6 +181,7 @@ class TTRowCache(nn.Module):
         self.cache_size, self.hashtbl_size, self.embedding_dim = cache_size, hashtbl_size, embedding_dim
         self.max_probes = max_probes
         self.populate_interval = populate_interval
+        self.count_decay = float(count_decay)
         self._lookups_since_populate = 0  # host mirror of the `populate_clock` buffer (no sync to read it)
         self.optimizer = optimizer
         i64 = {"device": device, "dtype": torch.int64}
@@ -393,6 +402,32 @@ class TTRowCache(nn.Module):
         if new_ids.numel() < self.cache_size:
             new_ids = torch.cat([new_ids, new_ids.new_full((self.cache_size - new_ids.numel(),), EMPTY_ID)])
         self._replace(torch.sort(new_ids).values, lookup_rows, writeback)
+        if self.count_decay < 1.0:
+            self._decay_counts()
+
+    @torch.no_grad()
+    def _decay_counts(self) -> None:
+        """Multiply the counts by ``count_decay`` (rounded down) and rebuild the table.
+
+        The ids still counted are re-inserted into an emptied table (a slot cannot be freed
+        in place: it may sit inside another id's probe run). An id that finds no slot within
+        ``max_probes`` is dropped and counted in ``hash_dropped``.
+        """
+        counts = torch.floor(self.hash_counts.double() * self.count_decay).long()
+        alive = (self.hash_keys != EMPTY_ID) & (counts > 0)
+        ids, kept_counts = self.hash_keys[alive], counts[alive]
+        self.hash_keys.fill_(EMPTY_ID)
+        self.hash_counts.zero_()
+        _lfu_insert(self.hash_keys, self.hash_counts, ids, self.max_probes)  # smallest id first per probe round
+        home = lfu_home_slots(ids, self.hashtbl_size)
+        where = torch.full_like(ids, -1)
+        for probe in range(self.max_probes):
+            slot = (home + probe) % self.hashtbl_size
+            where = torch.where((where < 0) & (self.hash_keys.index_select(0, slot) == ids), slot, where)
+        placed = where >= 0
+        self.hash_counts.zero_()
+        self.hash_counts.index_put_((where[placed],), kept_counts[placed])
+        self._bump("hash_dropped", (~placed).sum())
 
     @torch.no_grad()
     def flush(self, writeback: Callable[[Tensor, Tensor], None] | None) -> None:
@@ -444,7 +479,7 @@ class TTRowCache(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"cache_size={self.cache_size}, hashtbl_size={self.hashtbl_size}, max_probes={self.max_probes}, "
-            f"eviction_policy={self.eviction_policy.value!r}"
+            f"eviction_policy={self.eviction_policy.value!r}, count_decay={self.count_decay}"
         )
 
 

@@ -201,6 +201,8 @@ class TTEmbeddingBag(nn.Module):
         cache_populate_interval (int): repopulate the cache every this many training
             forwards (``0``: only when :meth:`cache_populate` is called).
         cache_max_probes (int): hash-table slots an id probes before it goes uncounted.
+        cache_count_decay (float): in ``[0, 1]``: the cache's access counts are multiplied by
+            it after every populate (``1``: pure LFU; see :class:`TTRowCache`).
 
     Example::
 
@@ -237,6 +239,7 @@ class TTEmbeddingBag(nn.Module):
         cache_eviction_policy: EvictionPolicy | str = EvictionPolicy.WRITEBACK,
         cache_populate_interval: int = 0,
         cache_max_probes: int = 8,
+        cache_count_decay: float = 1.0,
     ) -> None:
         super().__init__()
         if use_cache and not sparse:
@@ -294,7 +297,8 @@ class TTEmbeddingBag(nn.Module):
         if use_cache:
             self.cache = TTRowCache(
                 cache_size, embedding_dim, hashtbl_size, fused, cache_eviction_policy, cache_max_probes,
-                cache_populate_interval, name=name, device=device, dtype=factory["dtype"],
+                cache_populate_interval, count_decay=cache_count_decay, name=name, device=device,
+                dtype=factory["dtype"],
             )
         self.hashtbl_size = self.cache.hashtbl_size if self.cache is not None else hashtbl_size
         self.reset_parameters()

@@ -44,6 +44,8 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
         hashtbl_size (int): frequency hash-table slots per shard (``0``: ``4 * cache_size``).
         cache_eviction_policy (str): ``"writeback"`` or ``"discard"``.
         cache_populate_interval (int): repopulate every this many training lookups (``0``: manual).
+        cache_count_decay (float): in ``[0, 1]``: access counts are multiplied by it after every
+            populate (``1``: pure LFU).
 
     Raises:
         ValueError: naming the table and the violated shape constraint.
@@ -65,6 +67,7 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
     hashtbl_size: int = 0
     cache_eviction_policy: str = "writeback"
     cache_populate_interval: int = 0
+    cache_count_decay: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,6 +78,10 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
                     f"TTEmbeddingBagConfig '{self.name}': use_cache=True needs cache_size > 0 (got {self.cache_size}), "
                     f"cache_populate_interval >= 0 (got {self.cache_populate_interval}) and cache_eviction_policy in "
                     f"{policies} (got {self.cache_eviction_policy!r})"
+                )
+            if not 0.0 <= self.cache_count_decay <= 1.0:
+                raise ValueError(
+                    f"TTEmbeddingBagConfig '{self.name}': cache_count_decay must be in [0, 1], got {self.cache_count_decay}"
                 )
             if self.hashtbl_size and self.hashtbl_size < self.cache_size:
                 raise ValueError(

@@ -84,7 +84,9 @@ DATASETS = ("synthetic", "criteo_npy", "criteo_multihot", "criteo_tsv", "moviele
 MODELS = ("dlrm", "dlrm_dcn")
 COMPRESSIONS = ("tt", "none")
 # Cache settings a table may override in ``tt_table_shapes`` (TTEmbeddingBagConfig fields).
-TABLE_CACHE_KEYS = ("use_cache", "cache_size", "hashtbl_size", "cache_eviction_policy", "cache_populate_interval")
+TABLE_CACHE_KEYS = (
+    "use_cache", "cache_size", "hashtbl_size", "cache_eviction_policy", "cache_populate_interval", "cache_count_decay"
+)
 DENSE_OPTIMIZERS = ("adagrad", "adam", "sgd")
 EMBEDDING_OPTIMIZERS = ("exact_row_wise_adagrad", "exact_adagrad", "exact_sgd", "sgd", "row_wise_adagrad")
 SHARDINGS = ("planner", "table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise")
@@ -208,7 +210,7 @@ class ModelConfig:
             below, e.g. ``{cat_2: {tt_p_shapes: [200, 220, 250], tt_q_shapes: [2, 2, 4],
             tt_ranks: [32, 32], cache_size: 4096}}`` (keys: ``tt_p_shapes``, ``tt_q_shapes``,
             ``tt_ranks``, ``use_cache``, ``cache_size``, ``hashtbl_size``,
-            ``cache_eviction_policy``, ``cache_populate_interval``).
+            ``cache_eviction_policy``, ``cache_populate_interval``, ``cache_count_decay``).
         tt_cache_fraction (float): when > 0, every TT table gets an LFU cache of its hot rows
             (``TTEmbeddingBagConfig(use_cache=True)``) of ``ceil(fraction * rows)`` rows per
             shard; needs a fused embedding optimizer and no data-parallel TT tables.
@@ -216,6 +218,9 @@ class ModelConfig:
             lookups (``0``: never, the caches stay empty).
         tt_cache_eviction_policy (str): ``writeback`` (evicted rows are fitted back into the
             cores) or ``discard`` (TT-Rec's behaviour).
+        tt_cache_count_decay (float): in ``[0, 1]``: the caches' access counts are multiplied
+            by it after every populate (``1``: pure LFU; below 1 the caches follow ids whose
+            popularity changes).
     """
 
     model_type: str = "dlrm"
@@ -235,12 +240,15 @@ class ModelConfig:
     tt_cache_fraction: float = 0.0
     tt_cache_populate_interval: int = 100
     tt_cache_eviction_policy: str = "writeback"
+    tt_cache_count_decay: float = 1.0
 
     def __post_init__(self) -> None:
         _check_choice("model_type", self.model_type, MODELS)
         _check_choice("tt_cache_eviction_policy", self.tt_cache_eviction_policy, ("writeback", "discard"))
         if not 0.0 <= self.tt_cache_fraction <= 1.0:
             raise ValueError(f"tt_cache_fraction must be in [0, 1], got {self.tt_cache_fraction}")
+        if not 0.0 <= self.tt_cache_count_decay <= 1.0:
+            raise ValueError(f"tt_cache_count_decay must be in [0, 1], got {self.tt_cache_count_decay}")
         if self.tt_cache_populate_interval < 0:
             raise ValueError(f"tt_cache_populate_interval must be >= 0, got {self.tt_cache_populate_interval}")
         _check_choice("compression", self.compression, COMPRESSIONS)

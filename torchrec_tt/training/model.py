@@ -124,6 +124,7 @@ def build_tables(
                 shapes.setdefault("cache_size", max(1, math.ceil(cfg.tt_cache_fraction * n)))
                 shapes.setdefault("cache_populate_interval", cfg.tt_cache_populate_interval)
                 shapes.setdefault("cache_eviction_policy", cfg.tt_cache_eviction_policy)
+                shapes.setdefault("cache_count_decay", cfg.tt_cache_count_decay)
             if "tt_p_shapes" not in shapes and "tt_q_shapes" not in shapes and len(shapes["tt_ranks"]) != cfg.tt_num_cores - 1:
                 raise ValueError(f"table {feature}: tt_ranks {shapes['tt_ranks']} do not match tt_num_cores={cfg.tt_num_cores}")
             table = TTEmbeddingBagConfig(**common, **shapes)
