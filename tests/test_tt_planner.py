@@ -149,3 +149,24 @@ def test_cached_tables_never_data_parallel_nor_column_wise_with_rowwise_adagrad(
         tt_parameter_constraints(model, topology, {"cached": ParameterConstraints(sharding_types=["data_parallel"])}, FUSED)
     _, plan = _plan(model, topology, [TTEmbeddingBagCollectionSharder(fused_params=FUSED)])
     assert plan.plan[""]["cached"].sharding_type != "data_parallel"
+
+
+def test_tt_compute_scale_follows_the_measured_ratios_and_the_device_default():
+    from torchrec_tt.distributed.planner import DEFAULT_FLOPS_PER_BYTE, TTPerfEstimator, tt_compute_scale
+
+    def seed(rank):
+        return TTEmbeddingBagConfig(name="t", num_embeddings=11_000_000, embedding_dim=64, feature_names=["f"],
+                                    tt_p_shapes=[200, 220, 250], tt_q_shapes=[4, 4, 4], tt_ranks=[rank, rank])
+
+    # 1 + FLOPs per row (2 * (4 r^2 4 + 16 r 4), written out) / (64 * flops_per_byte)
+    for rank in (8, 16, 32, 64):
+        flops = 2 * (4 * rank * 4 * rank + 16 * rank * 4)
+        assert tt_compute_scale(seed(rank), 110.0) == pytest.approx(1 + flops / (64 * 110.0))
+    # the measured TT / dense step ratios (2-core CPU: 1.9 / 2.6 / 4.3 / 22; H100 at rank 32: 2.1), within 50%
+    for rank, measured in ((8, 1.93), (16, 2.63), (32, 4.28), (64, 22.4)):
+        assert tt_compute_scale(seed(rank), DEFAULT_FLOPS_PER_BYTE["cpu"]) == pytest.approx(measured, rel=0.5)
+    assert tt_compute_scale(seed(32), DEFAULT_FLOPS_PER_BYTE["cuda"]) == pytest.approx(2.06, rel=0.1)
+    assert TTPerfEstimator(Topology(world_size=2, compute_device="cpu"))._flops_per_byte == DEFAULT_FLOPS_PER_BYTE["cpu"]
+    assert TTPerfEstimator(Topology(world_size=2, compute_device="cuda"), flops_per_byte=7.0)._flops_per_byte == 7.0
+    with pytest.raises(ValueError, match="flops_per_byte must be > 0"):
+        TTPerfEstimator(Topology(world_size=2, compute_device="cuda"), flops_per_byte=0.0)

@@ -36,9 +36,11 @@ from torchrec_tt.ops import FusedOptimizer
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_FLOPS_PER_BYTE",
     "TTPerfEstimator",
     "TTStorageEstimator",
     "make_tt_planner",
+    "tt_compute_scale",
     "tt_parameter_constraints",
     "tt_shard_bytes",
 ]
@@ -145,28 +147,69 @@ class TTStorageEstimator(ShardEstimator):
                     shard.storage = Storage(hbm=0, ddr=total)
 
 
+#: FLOPs a device does in the time a dense fused lookup streams one byte, fitted to measured
+#: TT / dense step times (forward + backward + fused SGD, B = 4096 x 20, q = [4, 4, 4]):
+#: CPU (2 cores, 2026-12-06): TT / dense 1.9 / 2.6 / 4.3 / 22 at ranks 8 / 16 / 32 / 64;
+#: CUDA (one H100, kernels v11, ``benchmarks/results/2026-12-06g_NVIDIA-H100_cuda.md``): 2.06 at
+#: ranks 32 (the only rank measured).
+DEFAULT_FLOPS_PER_BYTE = {"cpu": 110.0, "cuda": 576.0}
+
+
+def tt_compute_scale(config: EmbeddingBagConfig, flops_per_byte: float) -> float:
+    """A TT table's lookup compute relative to a dense fused lookup of the same table.
+
+    ``1 + tt_flops_per_row / (embedding_dim * flops_per_byte)``: the sort, dedup and pooling a
+    dense lookup also pays, plus the contraction of a row (``tt_flops_per_row`` FLOPs where a
+    dense table streams ``4 * embedding_dim`` bytes). With :data:`DEFAULT_FLOPS_PER_BYTE` it is
+    within 50% of the measured step ratios above (CPU: 1.4 / 2.5 / 6.2 / 21 against 1.9 / 2.6 /
+    4.3 / 22); the former ``max(1, flops / (4 * embedding_dim))`` said 144 where 4.3 and 2.1
+    were measured.
+
+    Args:
+        config (EmbeddingBagConfig): a TT table's config (``tt_config_shapes`` reads its shapes).
+        flops_per_byte (float): the device's balance, see :data:`DEFAULT_FLOPS_PER_BYTE`.
+
+    Returns:
+        float: the factor on the stock estimator's compute terms.
+
+    Example::
+
+        >>> from torchrec_tt.modules.tt_embedding_configs import TTEmbeddingBagConfig
+        >>> cfg = TTEmbeddingBagConfig(name="t", num_embeddings=11_000_000, embedding_dim=64, feature_names=["f"],
+        ...                            tt_p_shapes=[200, 220, 250], tt_q_shapes=[4, 4, 4], tt_ranks=[32, 32])
+        >>> round(tt_compute_scale(cfg, DEFAULT_FLOPS_PER_BYTE["cuda"]), 2)
+        2.0
+    """
+    _, q, r = tt_config_shapes(config)
+    return 1.0 + tt_flops_per_row(q, r) / (config.embedding_dim * flops_per_byte)
+
+
 class TTPerfEstimator(ShardEstimator):
     """Perf of TT-collection shards: the stock estimate of a fused TBE, compute scaled by the TT FLOPs.
 
     The communication terms are the stock ones (same dists). The compute terms are
-    multiplied by ``max(1, flops_per_row / (embedding_dim * flops_per_byte))``:
-    the TT contraction of one looked-up row costs ``tt_flops_per_row`` FLOPs where a
-    dense table reads ``4 * embedding_dim`` bytes. ``flops_per_byte`` (default 4) is a
-    heuristic machine balance for these small GEMMs; calibrate it on the target GPU.
+    multiplied by :func:`tt_compute_scale`.
 
     Args:
         topology (Topology): the planner's topology.
         constraints (dict[str, ParameterConstraints], optional): as for the stock estimator.
-        flops_per_byte (float): FLOPs the device does in the time it streams one byte.
+        flops_per_byte (float, optional): FLOPs the device does in the time it streams one
+            byte (default: :data:`DEFAULT_FLOPS_PER_BYTE` of the topology's compute device,
+            measured on a 2-core CPU and an H100; calibrate it on yours with
+            ``benchmarks/bench_tt_embedding_bag.py``).
     """
 
     def __init__(
         self,
         topology: Topology,
         constraints: dict[str, ParameterConstraints] | None = None,
-        flops_per_byte: float = 4.0,
+        flops_per_byte: float | None = None,
     ) -> None:
         self._inner = EmbeddingPerfEstimator(topology=topology, constraints=constraints)
+        if flops_per_byte is None:
+            flops_per_byte = DEFAULT_FLOPS_PER_BYTE.get(topology.compute_device, DEFAULT_FLOPS_PER_BYTE["cuda"])
+        if flops_per_byte <= 0:
+            raise ValueError(f"TTPerfEstimator: flops_per_byte must be > 0, got {flops_per_byte}")
         self._flops_per_byte = flops_per_byte
 
     def estimate(self, sharding_options: list[ShardingOption], *args: Any, **kwargs: Any) -> None:
@@ -181,8 +224,7 @@ class TTPerfEstimator(ShardEstimator):
                 o.compute_kernel = k
         for option in tt:
             _, config = _tt_option(option)  # type: ignore[misc]
-            p, q, r = tt_config_shapes(config)
-            scale = max(1.0, tt_flops_per_row(q, r) / (config.embedding_dim * self._flops_per_byte))
+            scale = tt_compute_scale(config, self._flops_per_byte)
             for shard in option.shards:
                 perf = shard.perf
                 if perf is None:
@@ -281,7 +323,7 @@ def make_tt_planner(
     model: nn.Module | None = None,
     constraints: dict[str, ParameterConstraints] | None = None,
     fused_params: dict[str, Any] | None = None,
-    flops_per_byte: float = 4.0,
+    flops_per_byte: float | None = None,
     **planner_kwargs: Any,
 ) -> EmbeddingShardingPlanner:
     """An ``EmbeddingShardingPlanner`` that charges TT tables their real bytes and compute.
@@ -293,7 +335,7 @@ def make_tt_planner(
             (:func:`tt_parameter_constraints`).
         constraints (dict[str, ParameterConstraints], optional): user constraints.
         fused_params (dict, optional): the TT sharder's ``fused_params`` (optimizer state size).
-        flops_per_byte (float): see :class:`TTPerfEstimator`.
+        flops_per_byte (float, optional): see :class:`TTPerfEstimator`.
         **planner_kwargs: passed to ``EmbeddingShardingPlanner`` (e.g. ``debug``).
 
     Returns:
