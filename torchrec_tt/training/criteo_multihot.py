@@ -23,6 +23,8 @@ from torch.utils.data import IterableDataset
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_tt.training.data import cat_feature_names, rank_share
+
 __all__ = ["CriteoMultiHotDataset", "npz_member_memmap"]
 
 _LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # a zip member's local file header
@@ -77,8 +79,8 @@ class CriteoMultiHotDataset(IterableDataset):
     The training split is days ``0 .. days - 2`` in file order; the last day is split into
     halves, ``val`` then ``test`` (as torchrec's ``InMemoryBinaryCriteoIterDataPipe`` does).
     Global batch ``j`` holds the split's rows ``[j * B * W, (j + 1) * B * W)``, shared by
-    the ``W`` ranks as evenly as possible (sizes differ by at most one row), so every rank
-    yields the same number of batches. Feature ``f`` has ``hot_f`` ids per sample, hashed
+    the ``W`` ranks by :func:`~torchrec_tt.training.data.rank_share`. (Resuming mid-epoch is
+    :func:`~torchrec_tt.training.data.make_dataset`'s, as for the other Criteo readers.) Feature ``f`` has ``hot_f`` ids per sample, hashed
     into its table by ``id % num_embeddings[f]``; its features are named ``cat_{f}``.
 
     Args:
@@ -91,7 +93,6 @@ class CriteoMultiHotDataset(IterableDataset):
         world_size: ranks.
         multi_hot_sizes: expected ids per sample of each feature (checked against the
             files; empty: whatever they hold).
-        start_batch: global batches to skip (training resume).
 
     Example::
 
@@ -116,7 +117,6 @@ class CriteoMultiHotDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         multi_hot_sizes: Sequence[int] = (),
-        start_batch: int = 0,
     ) -> None:
         super().__init__()
         if stage not in ("train", "val", "test"):
@@ -132,7 +132,7 @@ class CriteoMultiHotDataset(IterableDataset):
                 f"day_{{0..{days - 1}}}_{{dense,labels}}.npy and day_{{d}}_sparse_multi_hot.npz)"
             )
         self.num_embeddings = list(num_embeddings)
-        self.keys = [f"cat_{f}" for f in range(len(self.num_embeddings))]
+        self.keys = cat_feature_names(len(self.num_embeddings))
         self.files: list[tuple[np.ndarray, np.ndarray, list[np.ndarray]]] = []
         for dense_name, labels_name, sparse_name in names:
             sparse_path = os.path.join(path, sparse_name)
@@ -166,11 +166,11 @@ class CriteoMultiHotDataset(IterableDataset):
             half = hi // 2
             lo, hi = (0, half) if stage == "val" else (half, hi)
         self.lo, self.hi = lo, hi
-        self.batch_size, self.rank, self.world_size, self.start_batch = batch_size, rank, world_size, start_batch
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_batches = math.ceil((hi - lo) / (batch_size * world_size))
 
     def __len__(self) -> int:
-        return max(self.num_batches - self.start_batch, 0)
+        return self.num_batches
 
     def _rows(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
         """Dense, labels and per-feature ids of the split's rows [lo, hi) (may span files)."""
@@ -207,9 +207,5 @@ class CriteoMultiHotDataset(IterableDataset):
         wid, nworkers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         bw = self.batch_size * self.world_size
         total = self.hi - self.lo
-        for j in range(self.start_batch, self.num_batches):
-            if (j - self.start_batch) % nworkers != wid:
-                continue
-            first, last = j * bw, min((j + 1) * bw, total)
-            bounds = np.linspace(first, last, self.world_size + 1).round().astype(np.int64)
-            yield self._batch(int(bounds[self.rank]), int(bounds[self.rank + 1]))
+        for j in range(wid, self.num_batches, nworkers):
+            yield self._batch(*rank_share(j * bw, min((j + 1) * bw, total), self.rank, self.world_size))

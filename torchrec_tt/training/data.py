@@ -40,7 +40,6 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_tt.training.config import DataConfig
-from torchrec_tt.training.criteo_multihot import CriteoMultiHotDataset
 
 logger = logging.getLogger(__name__)
 
@@ -258,6 +257,21 @@ class SyntheticCriteoDataset(IterableDataset):
 
 
 # ----------------------------------------------------------------------------- in-memory data
+def rank_share(first: int, last: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank ``rank``'s part ``[a, b)`` of the rows ``[first, last)`` of one global batch.
+
+    The parts are as even as possible (sizes differ by at most one row), so every rank
+    yields the same number of batches and the collectives stay matched.
+
+    Example::
+
+        >>> [rank_share(0, 10, r, 3) for r in range(3)]
+        [(0, 3), (3, 7), (7, 10)]
+    """
+    bounds = np.linspace(first, last, world_size + 1).round().astype(np.int64)
+    return int(bounds[rank]), int(bounds[rank + 1])
+
+
 def _gather_index(offsets: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Positions in a jagged column's values of the given rows' ids, in row order."""
     ln = lengths[rows].astype(np.int64)
@@ -368,9 +382,8 @@ class InMemoryRecDataset(IterableDataset):
                 if global_index < self.start_batch or (global_index - self.start_batch) % nworkers != wid:
                     continue
                 chunk = order[j * bw : (j + 1) * bw]
-                # Split the chunk as evenly as possible: sizes differ by at most one row.
-                bounds = np.linspace(0, len(chunk), self.world_size + 1).round().astype(np.int64)
-                rows = chunk[bounds[self.rank] : bounds[self.rank + 1]]
+                a, b = rank_share(0, len(chunk), self.rank, self.world_size)
+                rows = chunk[a:b]
                 yield self._batch(rows)
 
 
@@ -740,22 +753,19 @@ def make_dataset(
             start_batch=start_batch if stage == "train" else 0,
         )
     if cfg.dataset == "criteo_multihot":
-        ds = CriteoMultiHotDataset(
+        from torchrec_tt.training.criteo_multihot import CriteoMultiHotDataset  # it imports this module
+
+        ds: IterableDataset = CriteoMultiHotDataset(
             cfg.criteo_path, cfg.criteo_days, stage, cfg.num_embeddings_per_feature, batch_size, rank, world_size,
             multi_hot_sizes=cfg.multi_hot_sizes,
         )
-        if stage == "train" and (start_batch or epochs != 1):
-            return _Repeat(ds, epochs, start_batch)
-        return ds
-    if cfg.dataset == "criteo_npy":
+    elif cfg.dataset == "criteo_npy":
         ds = _criteo_npy_dataset(cfg, stage, batch_size, rank, world_size)
-        if stage == "train" and (start_batch or epochs != 1):
-            return _Repeat(ds, epochs, start_batch)
-        return ds
-    paths = _criteo_tsv_paths(cfg)
-    ds = CriteoTsvDataset(
-        paths, stage, cfg.num_embeddings_per_feature, batch_size, rank, world_size, cfg.eval_fraction
-    )
+    else:
+        paths = _criteo_tsv_paths(cfg)
+        ds = CriteoTsvDataset(
+            paths, stage, cfg.num_embeddings_per_feature, batch_size, rank, world_size, cfg.eval_fraction
+        )
     if stage == "train" and (start_batch or epochs != 1):
         return _Repeat(ds, epochs, start_batch)
     return ds
