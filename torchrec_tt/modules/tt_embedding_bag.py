@@ -37,6 +37,16 @@ __all__ = ["TTEmbeddingBag"]
 _MODES = {"sum": PoolingMode.SUM, "mean": PoolingMode.MEAN, "max": PoolingMode.SUM}  # max: see _max_pool
 
 
+def _bag_of_lookups(offsets: Tensor, num_indices: int) -> Tensor:
+    """The bag of every lookup from ``B + 1`` int64 offsets, by binary search.
+
+    No host sync; malformed offsets still give bags in ``[0, B)``, for the ops or the caller
+    to report.
+    """
+    positions = torch.arange(num_indices, device=offsets.device)
+    return torch.searchsorted(offsets[1:], positions, right=True).clamp_max(max(offsets.numel() - 2, 0))
+
+
 def _max_pool(rows: Tensor, bag: Tensor, num_bags: int) -> Tensor:
     """Per bag the element-wise max of its rows (0 for an empty bag); bag == num_bags: left out."""
     index = bag[:, None].expand(-1, rows.shape[1])
@@ -512,19 +522,15 @@ class TTEmbeddingBag(nn.Module):
         """
         nnz = indices.numel()
         if indices.dim() != 1 or offsets.dim() != 1 or offsets.numel() < 1:
-            raise ValueError(f"TTEmbeddingBag '{self.name}': offsets must have B + 1 >= 1 entries")
+            raise ValueError("offsets must have B + 1 >= 1 entries")
         offsets = offsets.long()
         ok = (offsets[0] == 0) & (offsets[-1] == nnz) & (offsets.diff() >= 0).all()
-        message = (
-            f"TTEmbeddingBag '{self.name}': offsets must start at 0, be non-decreasing and end at the "
-            f"number of ids ({nnz})"
-        )
+        message = f"offsets must start at 0, be non-decreasing and end at the number of ids ({nnz})"
         if offsets.is_cuda:
-            torch._assert_async(ok, message)
+            torch._assert_async(ok, f"TTEmbeddingBag '{self.name}': {message}")
         elif not bool(ok):
-            raise ValueError(message)
-        positions = torch.arange(nnz, device=indices.device)
-        bag = torch.searchsorted(offsets[1:], positions, right=True).clamp_max(offsets.numel() - 1)
+            raise ValueError(message)  # forward() names the table
+        bag = _bag_of_lookups(offsets, nnz)
         if self.padding_idx is not None:
             bag = torch.where(indices == self.padding_idx, offsets.numel() - 1, bag)
         return bag
@@ -551,9 +557,7 @@ class TTEmbeddingBag(nn.Module):
             offsets = offsets.long().clamp(0, indices.numel())
             kept = torch.cat([keep.new_zeros(1, dtype=torch.long), keep.long().cumsum(0)])
             count = (kept[offsets[1:]] - kept[offsets[:-1]]).clamp_min(1)
-            positions = torch.arange(indices.numel(), device=indices.device)
-            bag = torch.searchsorted(offsets[1:], positions, right=True).clamp_max(count.numel() - 1)
-            w = w / count[bag].to(dtype)
+            w = w / count[_bag_of_lookups(offsets, indices.numel())].to(dtype)
         return w
 
     def forward(self, input: Tensor, offsets: Tensor | None = None, per_sample_weights: Tensor | None = None) -> Tensor:
@@ -570,16 +574,11 @@ class TTEmbeddingBag(nn.Module):
         """
         indices, offsets, weights = self._bags(input, offsets, per_sample_weights)
         cores = self._core_list()
-        if self.mode == "max":
-            try:
-                return self._max_forward(indices, offsets, cores)
-            except (IndexError, ValueError) as e:
-                if f"TTEmbeddingBag '{self.name}'" in str(e):
-                    raise
-                raise type(e)(f"TTEmbeddingBag '{self.name}': {e}") from e
         if self.cache is not None:
             return self._cached_forward(indices, offsets, weights, cores)
         try:
+            if self.mode == "max":
+                return self._max_forward(indices, offsets, cores)
             if self.sparse and torch.is_grad_enabled():
                 return _FusedTTEmbeddingBag.apply(self, indices, offsets, weights, *cores)
             return tt_embedding_bag(cores, indices, offsets, weights, *self._op_shape_args(), self._pooling_mode)
