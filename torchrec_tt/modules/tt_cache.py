@@ -416,18 +416,17 @@ class TTRowCache(nn.Module):
         counts = torch.floor(self.hash_counts.double() * self.count_decay).long()
         alive = (self.hash_keys != EMPTY_ID) & (counts > 0)
         ids, kept_counts = self.hash_keys[alive], counts[alive]
+        order = torch.argsort(ids)
+        ids, kept_counts = ids[order], kept_counts[order]
         self.hash_keys.fill_(EMPTY_ID)
         self.hash_counts.zero_()
-        _lfu_insert(self.hash_keys, self.hash_counts, ids, self.max_probes)  # smallest id first per probe round
-        home = lfu_home_slots(ids, self.hashtbl_size)
-        where = torch.full_like(ids, -1)
-        for probe in range(self.max_probes):
-            slot = (home + probe) % self.hashtbl_size
-            where = torch.where((where < 0) & (self.hash_keys.index_select(0, slot) == ids), slot, where)
-        placed = where >= 0
-        self.hash_counts.zero_()
-        self.hash_counts.index_put_((where[placed],), kept_counts[placed])
-        self._bump("hash_dropped", (~placed).sum())
+        if ids.numel() == 0:
+            return
+        dropped = _lfu_insert(self.hash_keys, self.hash_counts, ids, self.max_probes)  # smallest id first per round
+        # each placed id gets its decayed count back (found in the sorted survivors)
+        slot, placed = cache_slots(ids, self.hash_keys)
+        self.hash_counts.copy_(torch.where(placed, kept_counts.index_select(0, slot), 0))
+        self._bump("hash_dropped", dropped[0])
 
     @torch.no_grad()
     def flush(self, writeback: Callable[[Tensor, Tensor], None] | None) -> None:
