@@ -35,6 +35,11 @@ def _tt_table(emb, cores=None):
     return dense_table(cores, emb.tt_p_shapes, emb.tt_q_shapes, emb.tt_ranks, emb.num_embeddings)
 
 
+def _counts(cache) -> dict[int, int]:
+    keys, counts = cache.hash_keys.tolist(), cache.hash_counts.tolist()
+    return {int(k): int(c) for k, c in zip(keys, counts, strict=True) if k != EMPTY_ID}
+
+
 def _cached(emb) -> dict[int, torch.Tensor]:
     ids = emb.cache.cache_ids.tolist()
     return {i: emb.cache.cache_weight[s].detach().double().clone() for s, i in enumerate(ids) if i != EMPTY_ID}
@@ -279,8 +284,7 @@ def test_counting_matches_a_counter_and_statistics():
         ids, offsets, _ = _batch(gen)
         emb(ids, offsets[:-1]).sum().backward()
         counter.update(ids.tolist())
-    keys, counts = emb.cache.hash_keys, emb.cache.hash_counts
-    got = {int(k): int(c) for k, c in zip(keys.tolist(), counts.tolist(), strict=True) if k != EMPTY_ID}
+    got = _counts(emb.cache)
     assert got == dict(counter)
     emb.cache_populate()
     emb.cache.reset_statistics()
@@ -293,12 +297,7 @@ def test_counting_matches_a_counter_and_statistics():
     assert stats["lookups"] == ids.numel() and stats["hits"] == hits
     assert stats["unique_misses"] == len({i for i in ids.tolist() if i not in cached})
     assert stats["hit_rate"] == pytest.approx(hits / ids.numel())
-    assert {int(k): int(c) for k, c in zip(keys.tolist(), counts.tolist(), strict=True) if k != EMPTY_ID} == got
-
-
-def _counts(cache) -> dict[int, int]:
-    keys, counts = cache.hash_keys.tolist(), cache.hash_counts.tolist()
-    return {int(k): int(c) for k, c in zip(keys, counts, strict=True) if k != EMPTY_ID}
+    assert _counts(emb.cache) == got
 
 
 def test_count_decay_follows_a_popularity_shift():
