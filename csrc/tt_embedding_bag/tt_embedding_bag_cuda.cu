@@ -52,6 +52,7 @@
 #include <cub/device/device_scan.cuh>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -87,8 +88,10 @@ static_assert(kFusedItems == kReduceChunk, "a block of the fused backward item k
 constexpr int kItemsPerBlock = 4;
 // Device counts of a sorted batch (Batch::counts): TT items, TT unique rows, all unique
 // rows (cache hit rows follow the TT ones), hit rows (set by the backward), distinct
-// TT ids, hit positions, the backward's runs that cross reduction chunks (a batch serves
-// one backward: the forward's batch is taken by it).
+// TT ids, hit positions, the backward's runs that cross reduction chunks: those of the
+// reduction kernels and those of core 1's sums in the tensor-core item kernel, listed
+// apart (two tail launches, see run_backward). A batch serves one backward: the forward's
+// batch is taken by it.
 enum BatchCount : int {
   kItems = 0,
   kTTRows = 1,
@@ -97,7 +100,8 @@ enum BatchCount : int {
   kMissIds = 4,
   kHits = 5,
   kCrossRuns = 6,
-  kNumCounts = 7
+  kCrossRunsFused = 7,
+  kNumCounts = 8
 };
 
 // ------------------------------------------------------------------ kernels
@@ -190,6 +194,7 @@ __global__ void tt_flags_kernel(
     counts[kMissIds] = 0;
     counts[kHits] = 0;
     counts[kCrossRuns] = 0;
+    counts[kCrossRunsFused] = 0;
   }
   if (i >= nnz) return;
   bool ih, uh;
@@ -1263,6 +1268,61 @@ bool batch_reuse_enabled() {
   return enabled;
 }
 
+// TORCHREC_TT_CUDA_STREAMS=0 keeps the whole backward on the caller's stream.
+bool side_stream_enabled() {
+  static const bool enabled = [] {
+    const char* e = std::getenv("TORCHREC_TT_CUDA_STREAMS");
+    return !(e != nullptr && std::strcmp(e, "0") == 0);
+  }();
+  return enabled;
+}
+
+// A second stream for the backward (run_backward): step 5's digit sorts read only the
+// batch, so they run beside the item kernel, and core 1's tail on the tensor-core path
+// needs only the item kernel, so it runs beside the reductions. Events order the two
+// streams (under CUDA graph capture they become the graph's edges); the host never waits.
+// The caller's stream waits for all of the side stream's work before the op returns, so
+// the scratch and the batch, freed on the caller's stream, outlive every use of them.
+// Disabled (TORCHREC_TT_CUDA_STREAMS=0), the side stream is the caller's and every
+// event is skipped.
+class SideStream {
+ public:
+  static constexpr int kSorted = 1;  // marks (events recorded on the side stream)
+  static constexpr int kDone = 2;
+
+  SideStream(cudaStream_t main, int device) : main_(main), side_(main) {
+    if (!side_stream_enabled()) return;
+    side_ = at::cuda::getStreamFromPool(false, static_cast<c10::DeviceIndex>(device)).stream();
+    thread_local std::map<int, std::array<cudaEvent_t, 3>> events;  // per device, never destroyed
+    auto it = events.find(device);
+    if (it == events.end()) {
+      std::array<cudaEvent_t, 3> ev{};
+      for (cudaEvent_t& e : ev) C10_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      it = events.emplace(device, ev).first;
+    }
+    ev_ = it->second.data();
+  }
+  cudaStream_t stream() const { return side_; }
+  // The side stream waits for the work queued on the caller's stream so far.
+  void wait_for_main() const {
+    if (side_ == main_) return;
+    C10_CUDA_CHECK(cudaEventRecord(ev_[0], main_));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(side_, ev_[0], 0));
+  }
+  // Marks the side stream's work queued so far (kSorted or kDone) ...
+  void mark(int m) const {
+    if (side_ != main_) C10_CUDA_CHECK(cudaEventRecord(ev_[m], side_));
+  }
+  // ... and the caller's stream waits for it.
+  void main_waits(int m) const {
+    if (side_ != main_) C10_CUDA_CHECK(cudaStreamWaitEvent(main_, ev_[m], 0));
+  }
+
+ private:
+  cudaStream_t main_, side_;
+  cudaEvent_t* ev_ = nullptr;
+};
+
 template <typename scalar_t, typename acc_t>
 ItemArgs<scalar_t, acc_t> item_args(const TTDims& t, const std::vector<at::Tensor>& cores, const Batch& bt) {
   ItemArgs<scalar_t, acc_t> a{};
@@ -1809,16 +1869,17 @@ void run_backward(
     ar.add(&pl[d], ceil_div(bt.max_urows, kReduceChunk) * t.D);
   }
   // A crossing run spans >= 2 chunks and is the only run of its digit (cache slot):
-  // at most min(chunks, distinct digits) per entry.
+  // at most min(chunks, distinct digits) per entry. Two lists: core 1's runs on the fused
+  // path (listed by the item kernel, finished by their own tail launch) after the others.
   const int nentries = d + (cached ? 1 : 0);
-  int64_t cross_cap = 0;
+  int64_t cross_cap = 0, fused_cap = 0;
   for (int k = 0; k < nentries; ++k) {
     const int64_t n = k == d ? bt.max_urows : nkeys[k];
     const int64_t distinct = k == d ? cache_ids.numel() : t.p[k];
-    cross_cap += std::min(ceil_div(n, kReduceChunk), distinct);
+    (fused1 && k == 1 ? fused_cap : cross_cap) += std::min(ceil_div(n, kReduceChunk), distinct);
   }
-  TORCH_CHECK(cross_cap * kTailParts < INT_MAX, op, ": too many reduction chunks");
-  ar.add(&cross, cross_cap);
+  TORCH_CHECK((cross_cap + fused_cap) * kTailParts < INT_MAX, op, ": too many reduction chunks");
+  ar.add(&cross, cross_cap + fused_cap);
   ar.add_bytes(&temp, std::max<size_t>(temp_bytes, 1));
   const at::Tensor scratch = ar.allocate(cores[0].options());
   if (L >= 1) sorted_keys[L - 1] = bt.item_dig[L - 1];  // items come grouped by this digit
@@ -1882,9 +1943,10 @@ void run_backward(
     r.lr = static_cast<acc_t>(learning_rate);
     r.eps = static_cast<acc_t>(eps);
     r.entry = k;
-    r.cross = cross;
-    r.ncross = bt.counts + kCrossRuns;
-    r.cross_cap = static_cast<int>(cross_cap);
+    const bool fused_list = fused1 && k == 1;
+    r.cross = fused_list ? cross + cross_cap : cross;
+    r.ncross = bt.counts + (fused_list ? kCrossRunsFused : kCrossRuns);
+    r.cross_cap = static_cast<int>(fused_list ? fused_cap : cross_cap);
     SmemPlan sp;
     const int64_t stage_elems = has_T ? int64_t{kNI} * t.Q[k] * (t.r[k] + t.n[k]) : 0;
     if (kind == kFastT && stage_elems >= S) {
@@ -1919,8 +1981,21 @@ void run_backward(
     tl.r[k] = r;
   }
   tl.ncores = nentries;
-  tl.cross = cross;
-  tl.ncross = bt.counts + kCrossRuns;
+  auto tail = tt_reduce_tail_kernel<scalar_t, acc_t>;
+  prepare_smem(op, tail, tail_bytes, device);
+  auto launch_tail = [&](const int2* list, int count, int64_t cap, cudaStream_t s) {
+    tl.cross = list;
+    tl.ncross = bt.counts + count;
+    tail<<<static_cast<unsigned>(std::max<int64_t>(cap, 1) * kTailParts), kThreads, tail_bytes, s>>>(tl);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+
+  // Step 5 (on the side stream, beside step 4): every core's items (unique rows) sorted by
+  // its digit, where the item order does not group them.
+  const SideStream side(stream, device);
+  side.wait_for_main();
+  run_digit_sorts(jobs, njobs, sort_hist, sort_offs, temp, temp_bytes, side.stream());
+  side.mark(SideStream::kSorted);
 
   // Step 4: items (prefix products, row gradients, per-item factors).
   if (fast) {
@@ -1963,11 +2038,16 @@ void run_backward(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  // Step 5: every core's items (unique rows) sorted by its digit, where the item order
-  // does not group them.
-  run_digit_sorts(jobs, njobs, sort_hist, sort_offs, temp, temp_bytes, stream);
+  // Core 1's runs over several chunks of the fused item kernel (on the side stream,
+  // beside step 6: it updates core 1 only, which step 6 neither reads nor writes).
+  if (fused_cap > 0) {
+    side.wait_for_main();
+    launch_tail(cross + cross_cap, kCrossRunsFused, fused_cap, side.stream());
+  }
+  side.mark(SideStream::kDone);
 
-  // Step 6: the reductions planned above, launched.
+  // Step 6: the reductions planned above, launched, then the other runs over several chunks.
+  side.main_waits(SideStream::kSorted);
   const decltype(&tt_reduce_kernel<scalar_t, acc_t, kPlainSum>) kernels[kNumReduceKinds] = {
       tt_reduce_kernel<scalar_t, acc_t, kPlainSum>, tt_reduce_kernel<scalar_t, acc_t, kGemmT>,
       tt_reduce_kernel<scalar_t, acc_t, kFastT, kFastTMinBlocks>};
@@ -1979,10 +2059,8 @@ void run_backward(
     kernels[kind]<<<kl.block0[kl.ncores], kThreads, kind_bytes[kind], stream>>>(kl);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  auto tail = tt_reduce_tail_kernel<scalar_t, acc_t>;
-  prepare_smem(op, tail, tail_bytes, device);
-  tail<<<static_cast<unsigned>(std::max<int64_t>(cross_cap, 1) * kTailParts), kThreads, tail_bytes, stream>>>(tl);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_tail(cross, kCrossRuns, cross_cap, stream);
+  side.main_waits(SideStream::kDone);
 }
 
 struct BackwardPrep {
