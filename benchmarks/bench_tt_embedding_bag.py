@@ -241,6 +241,17 @@ def make_dense(args, optimizer: str, device: str):
     return emb, opt
 
 
+def dense_step_of(emb: torch.nn.EmbeddingBag, opt: torch.optim.Optimizer):
+    """The dense baseline's training step: forward, backward of ``b[2]``, optimizer step."""
+
+    def step(b):
+        emb(b[0], b[1]).backward(b[2])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 _TBE_PROBE = """
 import torch
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
@@ -388,12 +399,7 @@ def run(args) -> dict:
                         row["tt_fwd_us_per_nnz"] = tf / nnz * 1e6
                         log.info("TTEmbeddingBag FWD time/nnz: %.4f usecs", row["tt_fwd_us_per_nnz"])
                 if dense is not None:
-
-                    def dense_step(b, m=dense, o=dense_opt):
-                        m(b[0], b[1]).backward(b[2])
-                        o.step()
-                        o.zero_grad(set_to_none=True)
-
+                    dense_step = dense_step_of(dense, dense_opt)
                     t = statistics.median(time_steps(dense_step, batches, args.iters, args.warmup, device))
                     row["dense_us_per_nnz"] = t / nnz * 1e6
                     row["dense_gbps"] = 3 * 4 * nnz * D / t / 1e9
@@ -421,8 +427,9 @@ def run(args) -> dict:
         if args.profile and tt_mod is not None and device == "cuda" and optimizer == args.optimizers.split(",")[0]:
             src = IdSource(args.num_embeddings, args.dists.split(",")[0], args.zipf_alpha, device, args.seed)
             wanted = [cases[-1]] if args.profile == "last" else [tuple(int(v) for v in c.split("x")) for c in args.profile.split(",")]
+            dense_step = dense_step_of(dense, dense_opt) if dense is not None else None
             for case in wanted:
-                profile_tt(tt_mod, src, case, index_dtype, D, device)
+                info.setdefault("profiles", []).append(profile_tt(tt_mod, dense_step, src, case, index_dtype, D, device))
         del tt_mod, dense, dense_opt, tbe
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -453,7 +460,14 @@ def graph_times(step, batches, iters: int, warmup: int) -> list[float]:
     return time_steps(replay, batches, iters, warmup, "cuda")
 
 
-def profile_tt(tt_mod, src, case, index_dtype, D, device) -> None:
+def kernel_us_per_step(prof, steps: int) -> float:
+    """Device time of the profiled kernels and memory operations per step (rows with no host time)."""
+    rows = prof.key_averages()
+    return sum(e.self_device_time_total for e in rows if e.self_cpu_time_total == 0) / steps
+
+
+def profile_tt(tt_mod, dense_step, src, case, index_dtype, D, device) -> dict:
+    """Prints torch.profiler tables of 5 TT steps of ``case``; returns kernel us per step of TT and dense."""
     num_bags, bag = case
     ids, offsets = src.batch(num_bags, bag, index_dtype)
     g = torch.randn(num_bags, D, device=device)
@@ -471,6 +485,22 @@ def profile_tt(tt_mod, src, case, index_dtype, D, device) -> None:
     print(avg.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=90))
     print(f"\nHost time of the same 5 steps (ops, autograd, CUDA API calls) at B={num_bags}, L={bag}:")
     print(avg.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+    out = {"B": num_bags, "L": bag, "tt_kernel_us_per_step": kernel_us_per_step(prof, 5)}
+    if dense_step is not None:  # the dense step's kernels alike (its sum of kernel times, not its wall time)
+        batch = (ids, offsets, g)
+        for _ in range(3):
+            dense_step(batch)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as dprof:
+            for _ in range(5):
+                dense_step(batch)
+            torch.cuda.synchronize()
+        out["dense_kernel_us_per_step"] = kernel_us_per_step(dprof, 5)
+    print(
+        f"\nKernel time per step at B={num_bags}, L={bag} (sum over kernels, us): TT "
+        f"{out['tt_kernel_us_per_step']:.1f}, dense {out.get('dense_kernel_us_per_step', float('nan')):.1f}"
+    )
+    return out
 
 
 FBTT_H200 = {(512, 20): 0.151, (4096, 20): 0.104, (16384, 20): 0.102, (65536, 1): 0.098}
