@@ -10,7 +10,8 @@
 //              or malformed offsets abort the kernel with a device-side assert),
 //              map every id to a sort key (prefix digits, then the last digit).
 //   2. sort:   cub radix sort of (key, position): stable, so duplicates keep their
-//              input order (deterministic sums).
+//              input order (deterministic sums); smaller tiles than cub's for
+//              batch-sized inputs (sort_pairs).
 //   3. index:  one inclusive scan marks "items" (runs of equal prefix
 //              (i_0..i_{d-2}), split every kItemChunk positions) and "urows"
 //              (runs of equal id inside an item). Buffers are sized for the worst
@@ -33,12 +34,15 @@
 //              tt_cuda_update.cuh). A run that crosses chunks is listed by the
 //              chunk where it begins and finished by the tail kernel. The
 //              tensor-core fast path sums core 1 inside its backward item kernel
-//              (tt_cuda_fast.cuh), chunk by chunk.
+//              (tt_cuda_fast.cuh), chunk by chunk. The digit sorts, and core 1's
+//              tail on the fused path, run on a second stream (SideStream).
 // No float atomics anywhere: same inputs give the same bits.
 // The forward leaves its sorted batch for the backward of the same tensors (step 1-3
 // done once per training step). Environment: TORCHREC_TT_CUDA_FAST=0 (generic kernels
 // only), TORCHREC_TT_CUDA_REUSE=0 (no forward -> backward reuse), TORCHREC_TT_CUDA_MMA
-// (tensor cores in the fast item kernels: bwd (default), fwd, 1 (both) or 0).
+// (tensor cores in the fast item kernels: bwd (default), fwd, 1 (both) or 0),
+// TORCHREC_TT_CUDA_STREAMS=0 (the backward on one stream), TORCHREC_TT_CUDA_SORT_TILE=0
+// (cub's own tile in step 2).
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -1031,6 +1035,56 @@ struct Batch {
   int32_t* urow_dig = nullptr;        // last digit of each unique row
 };
 
+// Step 2's sort of a batch's (key, position) pairs: cub's onesweep radix sort, with a
+// smaller tile than cub's sm_90 tuning for inputs up to kSmallSortMax keys. cub's tile
+// (384 threads x 30 pairs of a 64-bit key and a 32-bit value) gives a batch of 82k ids 7
+// blocks per pass (and one of 10k ids one block); 256 threads x 8 pairs give it 40 (5).
+// Measured on an H100 at B = 4096 x 20: 7.8 against 9.3 us per pass; tiles of 256 x 4
+// pairs gave 9.1 (benchmarks/NOTES.md, v14). Everything else is cub's sm_90 tuning.
+// TORCHREC_TT_CUDA_SORT_TILE=0 keeps cub's tile at every size.
+constexpr int kSmallSortMax = 1 << 20;
+
+template <typename KeyT, typename ValueT, typename OffsetT>
+struct SmallTileSortPolicyHub {
+  using Hub = cub::detail::radix::policy_hub<KeyT, ValueT, OffsetT>;
+  struct Policy : Hub::Policy900 {
+    using OnesweepPolicy = cub::AgentRadixSortOnesweepPolicy<
+        256, 8, typename Hub::DominantT, 1, cub::RADIX_RANK_MATCH_EARLY_COUNTS_ANY, cub::BLOCK_SCAN_RAKING_MEMOIZE,
+        cub::RADIX_SORT_STORE_DIRECT, Hub::Policy900::ONESWEEP_RADIX_BITS>;
+    using ActivePolicy = Policy;  // the only policy (the extension is built for sm_90)
+    template <typename FunctorT>
+    CUB_RUNTIME_FUNCTION static cudaError_t Invoke(int /*ptx_version*/, FunctorT& op) {
+      return op.template Invoke<Policy>();
+    }
+  };
+  using MaxPolicy = Policy;
+};
+
+bool small_sort_tile_enabled() {
+  static const bool enabled = [] {
+    const char* e = std::getenv("TORCHREC_TT_CUDA_SORT_TILE");
+    return !(e != nullptr && std::strcmp(e, "0") == 0);
+  }();
+  return enabled;
+}
+
+// cub::DeviceRadixSort::SortPairs of n pairs on bits [0, end_bit) (temp == nullptr: sets
+// temp_bytes only), with the small tile where it applies.
+cudaError_t sort_pairs(
+    void* temp, size_t& temp_bytes, const uint64_t* keys_in, uint64_t* keys_out, const int32_t* vals_in,
+    int32_t* vals_out, int n, int end_bit, cudaStream_t stream) {
+  if (n > kSmallSortMax || !small_sort_tile_enabled()) {
+    return cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_in, keys_out, vals_in, vals_out, n, 0, end_bit, stream);
+  }
+  using OffsetT = cub::detail::choose_offset_t<int>;
+  cub::DoubleBuffer<uint64_t> keys(const_cast<uint64_t*>(keys_in), keys_out);
+  cub::DoubleBuffer<int32_t> vals(const_cast<int32_t*>(vals_in), vals_out);
+  return cub::DispatchRadixSort<
+      cub::SortOrder::Ascending, uint64_t, int32_t, OffsetT, cub::detail::identity_decomposer_t,
+      SmallTileSortPolicyHub<uint64_t, int32_t, OffsetT>>::
+      Dispatch(temp, temp_bytes, keys, vals, static_cast<OffsetT>(n), 0, end_bit, false, stream);
+}
+
 template <typename acc_t>
 Batch build_batch(
     const TTDims& t,
@@ -1070,9 +1124,7 @@ Batch build_batch(
   void* temp = nullptr;
   size_t sort_bytes = 0, scan_bytes = 0;
   if (nnz > 0) {
-    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-        nullptr, sort_bytes, static_cast<const uint64_t*>(nullptr), static_cast<uint64_t*>(nullptr),
-        static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), n, 0, end_bit, stream));
+    C10_CUDA_CHECK(sort_pairs(nullptr, sort_bytes, nullptr, nullptr, nullptr, nullptr, n, end_bit, stream));
     C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(
         nullptr, scan_bytes, static_cast<const int64_t*>(nullptr), static_cast<int64_t*>(nullptr), n, stream));
   }
@@ -1112,7 +1164,7 @@ Batch build_batch(
   }
   bt.ws = keep.allocate(indices.options());
 
-  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, sort_bytes, keys, bt.skeys, vals, svals, n, 0, end_bit, stream));
+  C10_CUDA_CHECK(sort_pairs(temp, sort_bytes, keys, bt.skeys, vals, svals, n, end_bit, stream));
   tt_flags_kernel<<<grid_1d(nnz, 256), 256, 0, stream>>>(bt.skeys, nnz, pl, hit_base, flags, bt.counts);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(temp, scan_bytes, flags, scan, n, stream));
