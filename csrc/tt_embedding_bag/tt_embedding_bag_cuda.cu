@@ -161,8 +161,19 @@ __global__ void tt_prep_kernel(
     vals[i] = static_cast<int32_t>(i);
     if (bag_of != nullptr) {
       // The bag of position i: the last b with offsets[b] <= i (empty bags skipped).
-      // Searched here, in input order, where the lanes of a warp take the same path.
+      // Searched here, in input order, where the lanes of a warp take the same path,
+      // from a first guess that is right for bags of equal size (two loads instead of
+      // log2(num_bags) dependent ones).
       int64_t lo = 0, hi = num_bags;  // offsets[lo] <= i < offsets[hi]
+      if (num_bags > 0) {
+        const int64_t g = i * num_bags / nnz;  // in [0, num_bags)
+        if (offsets[g] <= i) {
+          lo = g;
+          if (offsets[g + 1] > i) hi = g + 1;
+        } else {
+          hi = g;
+        }
+      }
       while (hi - lo > 1) {
         const int64_t mid = (lo + hi) >> 1;
         if (offsets[mid] <= i) {
