@@ -1051,9 +1051,10 @@ struct Batch {
 // (384 threads x 30 pairs of a 64-bit key and a 32-bit value) gives a batch of 82k ids 7
 // blocks per pass (and one of 10k ids one block); 256 threads x 8 pairs give it 40 (5).
 // Measured on an H100 at B = 4096 x 20: 7.8 against 9.3 us per pass; tiles of 256 x 4
-// pairs gave 9.1 (benchmarks/NOTES.md, v14). Everything else is cub's sm_90 tuning.
+// pairs gave 9.1. At 328k ids (B = 16384 x 20) cub's tile was 1-2% faster per step, hence
+// the limit (benchmarks/NOTES.md, v14). Everything else is cub's sm_90 tuning.
 // TORCHREC_TT_CUDA_SORT_TILE=0 keeps cub's tile at every size.
-constexpr int kSmallSortMax = 1 << 20;
+constexpr int kSmallSortMax = 1 << 17;
 
 template <typename KeyT, typename ValueT, typename OffsetT>
 struct SmallTileSortPolicyHub {
