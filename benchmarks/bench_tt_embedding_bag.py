@@ -540,6 +540,14 @@ def markdown(res: dict) -> str:
         "(design notes, fwd+bwd+SGD, uniform ids).",
         "",
     ]
+    for prof in info.get("profiles", []):
+        dense = prof.get("dense_kernel_us_per_step")
+        lines += [
+            f"Kernel time per step at B = {prof['B']}, L = {prof['L']} (torch.profiler, the sum of the kernels' "
+            f"times, the run's first optimizer and id distribution): TT {prof['tt_kernel_us_per_step']:.1f} us, "
+            f"dense {'-' if dense is None else f'{dense:.1f} us'}.",
+            "",
+        ]
     return "\n".join(lines)
 
 
