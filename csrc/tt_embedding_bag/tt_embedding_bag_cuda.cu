@@ -1345,15 +1345,12 @@ bool side_stream_enabled() {
 // batch, so they run beside the item kernel, and core 1's tail on the tensor-core path
 // needs only the item kernel, so it runs beside the reductions. Events order the two
 // streams (under CUDA graph capture they become the graph's edges); the host never waits.
-// The caller's stream waits for all of the side stream's work before the op returns, so
-// the scratch and the batch, freed on the caller's stream, outlive every use of them.
-// Disabled (TORCHREC_TT_CUDA_STREAMS=0), the side stream is the caller's and every
-// event is skipped.
+// The caller's stream waits for all of the side stream's work before the op returns
+// (join(), or the destructor if an error left early), so the scratch and the batch, freed
+// on the caller's stream, outlive every use of them. Disabled
+// (TORCHREC_TT_CUDA_STREAMS=0), the side stream is the caller's and every event is skipped.
 class SideStream {
  public:
-  static constexpr int kSorted = 1;  // marks (events recorded on the side stream)
-  static constexpr int kDone = 2;
-
   SideStream(cudaStream_t main, int device) : main_(main), side_(main) {
     if (!side_stream_enabled()) return;
     side_ = at::cuda::getStreamFromPool(false, static_cast<c10::DeviceIndex>(device)).stream();
@@ -1366,25 +1363,42 @@ class SideStream {
     }
     ev_ = it->second.data();
   }
+  SideStream(const SideStream&) = delete;
+  SideStream& operator=(const SideStream&) = delete;
+  ~SideStream() {
+    if (side_ != main_ && !joined_) {  // an error left run_backward early: no error checks here
+      (void)cudaEventRecord(ev_[kJoin], side_);
+      (void)cudaStreamWaitEvent(main_, ev_[kJoin], 0);
+    }
+  }
   cudaStream_t stream() const { return side_; }
   // The side stream waits for the work queued on the caller's stream so far.
   void wait_for_main() const {
     if (side_ == main_) return;
-    C10_CUDA_CHECK(cudaEventRecord(ev_[0], main_));
-    C10_CUDA_CHECK(cudaStreamWaitEvent(side_, ev_[0], 0));
+    C10_CUDA_CHECK(cudaEventRecord(ev_[kFork], main_));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(side_, ev_[kFork], 0));
   }
-  // Marks the side stream's work queued so far (kSorted or kDone) ...
-  void mark(int m) const {
-    if (side_ != main_) C10_CUDA_CHECK(cudaEventRecord(ev_[m], side_));
+  // Marks the side stream's work queued so far ...
+  void mark_sorted() const {
+    if (side_ != main_) C10_CUDA_CHECK(cudaEventRecord(ev_[kSorted], side_));
   }
-  // ... and the caller's stream waits for it.
-  void main_waits(int m) const {
-    if (side_ != main_) C10_CUDA_CHECK(cudaStreamWaitEvent(main_, ev_[m], 0));
+  // ... and the caller's stream waits for that mark.
+  void main_waits_sorted() const {
+    if (side_ != main_) C10_CUDA_CHECK(cudaStreamWaitEvent(main_, ev_[kSorted], 0));
+  }
+  // The caller's stream waits for all the work queued on the side stream.
+  void join() {
+    if (side_ == main_) return;
+    C10_CUDA_CHECK(cudaEventRecord(ev_[kJoin], side_));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(main_, ev_[kJoin], 0));
+    joined_ = true;
   }
 
  private:
+  static constexpr int kFork = 0, kSorted = 1, kJoin = 2;
   cudaStream_t main_, side_;
   cudaEvent_t* ev_ = nullptr;
+  bool joined_ = false;
 };
 
 template <typename scalar_t, typename acc_t>
@@ -2056,10 +2070,10 @@ void run_backward(
 
   // Step 5 (on the side stream, beside step 4): every core's items (unique rows) sorted by
   // its digit, where the item order does not group them.
-  const SideStream side(stream, device);
+  SideStream side(stream, device);
   side.wait_for_main();
   run_digit_sorts(jobs, njobs, sort_hist, sort_offs, temp, temp_bytes, side.stream());
-  side.mark(SideStream::kSorted);
+  side.mark_sorted();
 
   // Step 4: items (prefix products, row gradients, per-item factors).
   if (fast) {
@@ -2108,10 +2122,9 @@ void run_backward(
     side.wait_for_main();
     launch_tail(cross + cross_cap, kCrossRunsFused, fused_cap, side.stream());
   }
-  side.mark(SideStream::kDone);
 
   // Step 6: the reductions planned above, launched, then the other runs over several chunks.
-  side.main_waits(SideStream::kSorted);
+  side.main_waits_sorted();
   const decltype(&tt_reduce_kernel<scalar_t, acc_t, kPlainSum>) kernels[kNumReduceKinds] = {
       tt_reduce_kernel<scalar_t, acc_t, kPlainSum>, tt_reduce_kernel<scalar_t, acc_t, kGemmT>,
       tt_reduce_kernel<scalar_t, acc_t, kFastT, kFastTMinBlocks>};
@@ -2124,7 +2137,7 @@ void run_backward(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   launch_tail(cross, kCrossRuns, cross_cap, stream);
-  side.main_waits(SideStream::kDone);
+  side.join();
 }
 
 struct BackwardPrep {
