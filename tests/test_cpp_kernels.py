@@ -34,12 +34,14 @@ tt = torch.ops.torchrec_tt
 needs_cpp = pytest.mark.skipif(not torchrec_tt.HAS_CPP_KERNELS, reason="torchrec_tt._C not built or disabled")
 
 # (p, q, ranks, num_embeddings): 2..5 cores, num_embeddings < prod(p), and at
-# least one core with p_k > r_k * q_k * r_{k+1} in each.
+# least one core with p_k > r_k * q_k * r_{k+1} in each. All but the first have
+# their largest slices before the last core: the backward's prefix reuse runs.
 SHAPES = [
     ([13, 5], [2, 3], [1, 3, 1], 60),  # core 0: p=13 > 1*2*3
     ([3, 4, 7], [2, 3, 2], [1, 3, 2, 1], 80),  # core 2: p=7 > 2*2*1
     ([2, 3, 2, 9], [2, 1, 2, 2], [1, 2, 3, 2, 1], 100),  # core 3: p=9 > 2*2*1
     ([2, 2, 3, 2, 5], [1, 2, 2, 1, 2], [1, 2, 2, 3, 2, 1], 110),  # core 4: p=5 > 2*2*1
+    ([5, 13], [3, 2], [1, 3, 1], 60),  # core 1: p=13 > 3*2*1; core 0 has the larger slices
 ]
 # Bag lengths: empty bags first, in the middle and last.
 LENGTHS = [0, 3, 1, 0, 5, 2, 0, 4, 0]
@@ -194,6 +196,21 @@ def test_fused_matches_oracle(shape, optimizer, state_dtype):
         if state:
             assert state[k].dtype == (state_dtype or torch.float64)
             close(state[k], want_state[k], state_tol)
+
+
+@needs_cpp
+def test_backward_over_several_chunks_matches_oracle():
+    # ~4000 unique ids of 2048-id chunks (1 MiB of the small cores' float64 slices): the
+    # chunk buffer is reused, and ids of one prefix item straddle a chunk's end.
+    p, q, ranks, n = [30, 40, 50], [2, 2, 2], [1, 16, 16, 1], 60000
+    cores = make_cores(p, q, ranks)
+    lengths = [0, *([5] * 999), 7]
+    ids = torch.cat([torch.randint(0, n, (sum(lengths) - 200,)), torch.arange(0, 400, 2)])  # runs of shared prefixes
+    offs = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    go = torch.randn(len(lengths), math.prod(q), dtype=torch.float64)
+    args = (ids, offs, None, p, q, ranks, n, 0)
+    for got, want in zip(tt.tt_embedding_bag_backward(go, cores, *args), oracle_grads(go, cores, *args), strict=True):
+        close(got, want, torch.float64)
 
 
 @needs_cpp
