@@ -162,9 +162,9 @@ def test_tt_compute_scale_follows_the_measured_ratios_and_the_device_default():
     for rank in (8, 16, 32, 64):
         flops = 2 * (4 * rank * 4 * rank + 16 * rank * 4)
         assert tt_compute_scale(seed(rank), 110.0) == pytest.approx(1 + flops / (64 * 110.0))
-    # the measured TT / dense step ratios (2-core CPU: 1.9 / 2.6 / 4.3 / 22; H100 at rank 32: 2.1), within 50%
-    for rank, measured in ((8, 1.93), (16, 2.63), (32, 4.28), (64, 22.4)):
-        assert tt_compute_scale(seed(rank), DEFAULT_FLOPS_PER_BYTE["cpu"]) == pytest.approx(measured, rel=0.5)
+    # the measured TT / dense step ratios (2-core CPU: 1.3 / 1.8 / 3.3 / 12, within 20%; H100 at rank 32: 2.1)
+    for rank, measured in ((8, 1.28), (16, 1.80), (32, 3.34), (64, 11.8)):
+        assert tt_compute_scale(seed(rank), DEFAULT_FLOPS_PER_BYTE["cpu"]) == pytest.approx(measured, rel=0.2)
     assert tt_compute_scale(seed(32), DEFAULT_FLOPS_PER_BYTE["cuda"]) == pytest.approx(2.06, rel=0.1)
     assert TTPerfEstimator(Topology(world_size=2, compute_device="cpu"))._flops_per_byte == DEFAULT_FLOPS_PER_BYTE["cpu"]
     assert TTPerfEstimator(Topology(world_size=2, compute_device="cuda"), flops_per_byte=7.0)._flops_per_byte == 7.0

@@ -82,6 +82,7 @@ def tt_shard_bytes(
 
     Example::
 
+        >>> from torchrec_tt.modules.tt_embedding_configs import TTEmbeddingBagConfig
         >>> cfg = TTEmbeddingBagConfig(name="t", num_embeddings=1000, embedding_dim=8, feature_names=["f"],
         ...                            tt_p_shapes=[10, 10, 10], tt_q_shapes=[2, 2, 2], tt_ranks=[4, 4])
         >>> tt_shard_bytes(cfg, 1000, 8, None)
@@ -149,10 +150,11 @@ class TTStorageEstimator(ShardEstimator):
 
 #: FLOPs a device does in the time a dense fused lookup streams one byte, fitted to measured
 #: TT / dense step times (forward + backward + fused SGD, B = 4096 x 20, q = [4, 4, 4]):
-#: CPU (2 cores, 2026-12-06): TT / dense 1.9 / 2.6 / 4.3 / 22 at ranks 8 / 16 / 32 / 64;
-#: CUDA (one H100, kernels v11, ``benchmarks/results/2026-12-06g_NVIDIA-H100_cuda.md``): 2.06 at
-#: ranks 32 (the only rank measured).
-DEFAULT_FLOPS_PER_BYTE = {"cpu": 110.0, "cuda": 576.0}
+#: CPU (2 cores, the C++ kernels with the backward's prefix reuse,
+#: ``benchmarks/results/2026-12-06h_cpu2_tt_vs_dense_by_rank.md``): TT / dense 1.3 / 1.8 / 3.3 / 12
+#: at ranks 8 / 16 / 32 / 64; CUDA (one H100, kernels v11,
+#: ``benchmarks/results/2026-12-06g_NVIDIA-H100_cuda.md``): 2.06 at ranks 32 (the only rank measured).
+DEFAULT_FLOPS_PER_BYTE = {"cpu": 200.0, "cuda": 576.0}
 
 
 def tt_compute_scale(config: EmbeddingBagConfig, flops_per_byte: float) -> float:
@@ -161,9 +163,9 @@ def tt_compute_scale(config: EmbeddingBagConfig, flops_per_byte: float) -> float
     ``1 + tt_flops_per_row / (embedding_dim * flops_per_byte)``: the sort, dedup and pooling a
     dense lookup also pays, plus the contraction of a row (``tt_flops_per_row`` FLOPs where a
     dense table streams ``4 * embedding_dim`` bytes). With :data:`DEFAULT_FLOPS_PER_BYTE` it is
-    within 50% of the measured step ratios above (CPU: 1.4 / 2.5 / 6.2 / 21 against 1.9 / 2.6 /
-    4.3 / 22); the former ``max(1, flops / (4 * embedding_dim))`` said 144 where 4.3 and 2.1
-    were measured.
+    within 20% of the measured step ratios above (CPU: 1.24 / 1.80 / 3.88 / 11.9 against 1.28 /
+    1.80 / 3.34 / 11.8); the former ``max(1, flops / (4 * embedding_dim))`` said 144 where 3.3 and
+    2.1 were measured.
 
     Args:
         config (EmbeddingBagConfig): a TT table's config (``tt_config_shapes`` reads its shapes).
@@ -343,8 +345,11 @@ def make_tt_planner(
 
     Example::
 
-        >>> planner = make_tt_planner(Topology(world_size=2, compute_device="cuda"), batch_size=512, model=model)
-        >>> plan = planner.plan(model, [TTEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder()])
+        >>> # model: a module holding TTEmbeddingBagCollections (and stock tables)
+        >>> planner = make_tt_planner(  # doctest: +SKIP
+        ...     Topology(world_size=2, compute_device="cuda"), batch_size=512, model=model)
+        >>> plan = planner.plan(  # doctest: +SKIP
+        ...     model, [TTEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder()])
     """
     if model is not None:
         constraints = tt_parameter_constraints(model, topology, constraints, fused_params)
