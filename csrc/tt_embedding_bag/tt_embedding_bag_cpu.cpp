@@ -346,7 +346,7 @@ TT_INLINE void tt_row(
 template <typename acc_t>
 struct GradScratch {
   std::vector<const acc_t*> lp, rp, rtp;
-  std::vector<acc_t> lbuf, rbuf, mbuf, rt, rt_kb, rt_prev, bt, g;
+  std::vector<acc_t> lbuf, rbuf, mbuf, rt, rt_kb, rt_prev, g;
   acc_t one = acc_t(1);
 
   explicit GradScratch(const TTLayout& L)
@@ -359,7 +359,6 @@ struct GradScratch {
         rt(L.max_rt),
         rt_kb(L.max_rt),
         rt_prev(L.max_rt),
-        bt(L.S[L.kb]),
         g(L.D) {}
 };
 
@@ -750,7 +749,6 @@ void item_grads(
   }
 }
 
-
 // Dense core gradients in acc_t: grads[k] is a zeroed [p_k, S_k] buffer that
 // receives, for every unique id u, the slice gradient L_k^T g_u R_k^T at row
 // digit_k(u), where g_u = sum of scale_i * grad_output[bag(i)] over the
@@ -856,7 +854,6 @@ void core_grads_kernel(
   for (int64_t k = 0; k < d; ++k)
     for (int64_t c = 0; k != kb && c < L.S[k]; c += kColBlock) units.emplace_back(k, c);
 
-  constexpr int64_t kMinRunForTranspose = 4;
   const bool use_items = d >= 2 && kb <= d - 2;
   const TTLayout Lp = use_items ? prefix_layout(L) : L;
   std::vector<int64_t> runs;
@@ -896,13 +893,7 @@ void core_grads_kernel(
               dst, sg.data() + (runs[q] - c0) * other_S, other_S, other_off.data());
           continue;
         }
-        // A long run of ids sharing the middle core's slice: transpose it once
-        // for the run (see tt_slice_grads).
-        const acc_t* bt = nullptr;
-        if (kb >= 1 && kb <= d - 2 && runs[q + 1] - runs[q] >= kMinRunForTranspose) {
-          transpose_slice(L, kb, load_slice(core_ptrs[kb], digit, S_kb, rs.conv.data() + L.S_off[kb]), gs.bt.data());
-          bt = gs.bt.data();
-        }
+        // per id (the big core is the last one, or d == 1)
         for (int64_t t = runs[q]; t < runs[q + 1]; ++t) {
           const int64_t u = perm[t];
           sum_g(u);
@@ -910,7 +901,7 @@ void core_grads_kernel(
             rs.A[k] = load_slice(core_ptrs[k], udig[u * d + k], L.S[k], rs.conv.data() + L.S_off[k]);
             outs[k] = k == kb ? dst : sg.data() + (t - c0) * other_S + other_off[k];
           }
-          tt_slice_grads(L, mm, rs.A.data(), g, gs, outs.data(), kb, bt);
+          tt_slice_grads(L, mm, rs.A.data(), g, gs, outs.data(), kb, static_cast<const acc_t*>(nullptr));
         }
       }
     });
