@@ -199,7 +199,7 @@ def test_fused_matches_oracle(shape, optimizer, state_dtype):
 
 
 @needs_cpp
-def test_backward_over_several_chunks_matches_oracle():
+def test_backward_over_several_chunks_and_few_ids_matches_oracle():
     # ~4000 unique ids of 2048-id chunks (1 MiB of the small cores' float64 slices): the
     # chunk buffer is reused, and ids of one prefix item straddle a chunk's end.
     p, q, ranks, n = [30, 40, 50], [2, 2, 2], [1, 16, 16, 1], 60000
@@ -208,6 +208,12 @@ def test_backward_over_several_chunks_matches_oracle():
     ids = torch.cat([torch.randint(0, n, (sum(lengths) - 200,)), torch.arange(0, 400, 2)])  # runs of shared prefixes
     offs = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
     go = torch.randn(len(lengths), math.prod(q), dtype=torch.float64)
+    args = (ids, offs, None, p, q, ranks, n, 0)
+    for got, want in zip(tt.tt_embedding_bag_backward(go, cores, *args), oracle_grads(go, cores, *args), strict=True):
+        close(got, want, torch.float64)
+    # fewer unique ids than the last core has slices: each id's slice is transposed on its own
+    ids, offs = torch.tensor([7, 7 + 50, 7, 3 * 50 + 9]), torch.tensor([0, 1, 4])
+    go = torch.randn(2, math.prod(q), dtype=torch.float64)
     args = (ids, offs, None, p, q, ranks, n, 0)
     for got, want in zip(tt.tt_embedding_bag_backward(go, cores, *args), oracle_grads(go, cores, *args), strict=True):
         close(got, want, torch.float64)

@@ -682,7 +682,9 @@ struct ItemScratch {
 // chunk row, and dP += G_u A_{d-1}[u]^T. Per item, the prefix cores' slice gradients
 // of dP (tt_slice_grads on the prefix layout Lp): core kb's added into kb_row, the
 // others into the chunk row of the item's first id (zeros in its other ids' rows).
-// chunk: the chunk rows of perm[0 ..), row_S floats each, core k at off[k].
+// chunk: the chunk rows of perm[0 ..), row_S floats each, core k at off[k]; last_t:
+// every slice of the last core transposed (q_{d-1}, r_{d-1}) in acc_t, or null (then
+// each id's slice is transposed here).
 template <typename scalar_t, typename acc_t, typename SumG>
 void item_grads(
     const TTLayout& L,
@@ -699,7 +701,8 @@ void item_grads(
     acc_t* kb_row,
     acc_t* chunk,
     int64_t row_S,
-    const int64_t* off) {
+    const int64_t* off,
+    const acc_t* last_t) {
   const int64_t d = L.d, kl = d - 1, kb = L.kb;
   const int64_t Qp = L.Qlt[kl], rl = L.r[kl], ql = L.q[kl];
   std::vector<acc_t*> outs(kl);
@@ -732,12 +735,16 @@ void item_grads(
       const int64_t u = perm[i];
       acc_t* row = chunk + i * row_S;
       sum_g(u);
-      const acc_t* A_last = load_slice(cores[kl], udig[u * d + kl], L.S[kl], rs.conv.data() + L.S_off[kl]);
       // last core: P^T G_u (r_{d-1}, q_{d-1})
       mm(rl, Qp, ql, is.P.data(), int64_t{1}, rl, g, row + off[kl], false);
       // dP (+)= G_u A_{d-1}[u]^T
-      transpose(A_last, rl, ql, is.at.data());
-      mm(Qp, ql, rl, g, ql, int64_t{1}, is.at.data(), is.dP.data(), i > i0);
+      const int64_t dl = udig[u * d + kl];
+      const acc_t* at = last_t != nullptr ? last_t + dl * L.S[kl] : nullptr;
+      if (at == nullptr) {
+        transpose(load_slice(cores[kl], dl, L.S[kl], rs.conv.data() + L.S_off[kl]), rl, ql, is.at.data());
+        at = is.at.data();
+      }
+      mm(Qp, ql, rl, g, ql, int64_t{1}, at, is.dP.data(), i > i0);
       if (i > i0) {
         for (int64_t k = 0; k < kl; ++k)
           if (k != kb) std::fill(row + off[k], row + off[k] + L.S[k], acc_t(0));
@@ -856,6 +863,22 @@ void core_grads_kernel(
 
   const bool use_items = d >= 2 && kb <= d - 2;
   const TTLayout Lp = use_items ? prefix_layout(L) : L;
+  // The last core's slices transposed once for all ids (item_grads), when it is small
+  // and the batch has more unique ids than it has slices.
+  std::vector<acc_t> last_t;
+  const int64_t kl = d - 1;
+  if (use_items && L.p[kl] * L.S[kl] <= (int64_t{1} << 22) && n >= L.p[kl]) {
+    last_t.resize(L.p[kl] * L.S[kl]);
+    const int64_t rl = L.r[kl], ql = L.q[kl];
+    at::parallel_for(0, L.p[kl], 64, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const scalar_t* src = core_ptrs[kl] + i * L.S[kl];
+        acc_t* dst = last_t.data() + i * L.S[kl];
+        for (int64_t j = 0; j < ql; ++j)
+          for (int64_t b = 0; b < rl; ++b) dst[j * rl + b] = static_cast<acc_t>(src[b * ql + j]);
+      }
+    });
+  }
   std::vector<int64_t> runs;
   for (int64_t c0 = 0; c0 < n; c0 += chunk) {
     const int64_t c1 = std::min(n, c0 + chunk);
@@ -890,7 +913,8 @@ void core_grads_kernel(
         if (use_items) {
           item_grads(
               L, Lp, mm, core_ptrs, udig.data(), perm.data() + runs[q], runs[q + 1] - runs[q], sum_g, g, rs, *is,
-              dst, sg.data() + (runs[q] - c0) * other_S, other_S, other_off.data());
+              dst, sg.data() + (runs[q] - c0) * other_S, other_S, other_off.data(),
+              last_t.empty() ? nullptr : last_t.data());
           continue;
         }
         // per id (the big core is the last one, or d == 1)
