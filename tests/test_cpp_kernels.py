@@ -220,6 +220,20 @@ def test_backward_over_several_chunks_and_few_ids_matches_oracle():
 
 
 @needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_reused_within_a_block_are_bitwise_the_rows_alone(dtype):
+    # Duplicates and ids of one prefix (i_0, i_1) share work in a block of the forward and of
+    # tt_lookup_rows; each row must still be bitwise the row computed alone.
+    p, q, ranks, n = [6, 5, 40], [4, 4, 4], [1, 8, 8, 1], 1200
+    cores = make_cores(p, q, ranks, dtype)
+    ids = torch.tensor([7, 47, 7, 87, 3 * 40 + 5, 7, 47, 1199, 1199, 8])  # prefixes shared, duplicates
+    alone = torch.cat([tt.tt_lookup_rows(cores, ids[i : i + 1], p, q, ranks, n) for i in range(ids.numel())])
+    assert torch.equal(tt.tt_lookup_rows(cores, ids, p, q, ranks, n), alone)
+    offs = torch.arange(ids.numel() + 1)  # bags of one: the forward's output rows are the rows
+    assert torch.equal(tt.tt_embedding_bag_forward(cores, ids, offs, None, p, q, ranks, n, 0), alone)
+
+
+@needs_cpp
 def test_fused_updates_every_touched_row_when_p_exceeds_slice_size():
     # core 0 has p=40 rows but slices of 1*2*2 = 4 elements; touch rows >= 4 of it.
     p, q, ranks, n = [40, 3], [2, 2], [1, 2, 1], 120

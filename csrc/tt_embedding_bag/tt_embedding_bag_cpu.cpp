@@ -320,20 +320,33 @@ struct RowScratch {
 };
 
 // Row chain: T_0 = A_0 (q_0, r_1); T_k = T_{k-1} (Q_{<k}, r_k) @ A_k (r_k, q_k r_{k+1}).
+// tt_prefix returns T_{d-2} (A_0, or one of the buffers), tt_row_of_prefix ends the
+// chain, tt_row does both.
 template <typename acc_t>
-TT_INLINE void tt_row(
-    const TTLayout& L, MmFn<acc_t> mm, const acc_t* const* A, acc_t* buf0, acc_t* buf1, acc_t* row) {
-  const int64_t d = L.d;
-  if (d == 1) {
-    std::memcpy(row, A[0], sizeof(acc_t) * L.D);
-    return;
-  }
+TT_INLINE const acc_t* tt_prefix(const TTLayout& L, MmFn<acc_t> mm, const acc_t* const* A, acc_t* buf0, acc_t* buf1) {
   const acc_t* T = A[0];
-  for (int64_t k = 1; k < d; ++k) {
-    acc_t* dst = (k == d - 1) ? row : ((k & 1) ? buf0 : buf1);
+  for (int64_t k = 1; k < L.d - 1; ++k) {
+    acc_t* dst = (k & 1) ? buf0 : buf1;
     mm(L.Qlt[k], L.r[k], L.q[k] * L.r[k + 1], T, L.r[k], int64_t{1}, A[k], dst, false);
     T = dst;
   }
+  return T;
+}
+
+template <typename acc_t>
+TT_INLINE void tt_row_of_prefix(const TTLayout& L, MmFn<acc_t> mm, const acc_t* P, const acc_t* A_last, acc_t* row) {
+  const int64_t k = L.d - 1;  // d >= 2
+  mm(L.Qlt[k], L.r[k], L.q[k] * L.r[k + 1], P, L.r[k], int64_t{1}, A_last, row, false);
+}
+
+template <typename acc_t>
+TT_INLINE void tt_row(
+    const TTLayout& L, MmFn<acc_t> mm, const acc_t* const* A, acc_t* buf0, acc_t* buf1, acc_t* row) {
+  if (L.d == 1) {
+    std::memcpy(row, A[0], sizeof(acc_t) * L.D);
+    return;
+  }
+  tt_row_of_prefix(L, mm, tt_prefix(L, mm, A, buf0, buf1), A[L.d - 1], row);
 }
 
 // Slice gradients of one row: outs[k][0 .. S_k) = L_k^T g R_k^T (``+=`` for
@@ -502,12 +515,64 @@ int64_t block_positions(const TTLayout& L, int64_t acc_size) {
   return std::max<int64_t>(16, (int64_t{256} << 10) / std::max<int64_t>(1, L.D * acc_size));
 }
 
-// Orders positions [p0, p0 + n) of ids by (big-core digit, position); n < 2^32.
-void sort_block(const TTLayout& L, const int64_t* ids, int64_t p0, int64_t n, std::vector<uint64_t>& keys) {
+// A position j of a block and the order it is computed in: (big-core digit, id, j).
+struct BlockKey {
+  int64_t big, id, j;
+  bool operator<(const BlockKey& o) const {
+    return big != o.big ? big < o.big : id != o.id ? id < o.id : j < o.j;
+  }
+};
+
+// Orders positions [p0, p0 + n) of ids by (big-core digit, id, position): ids sharing the
+// largest slice run back to back, and so do duplicates and the ids of one prefix.
+void sort_block(const TTLayout& L, const int64_t* ids, int64_t p0, int64_t n, std::vector<BlockKey>& keys) {
   keys.resize(n);
-  for (int64_t j = 0; j < n; ++j)
-    keys[j] = (static_cast<uint64_t>(L.big_digit(ids[p0 + j])) << 32) | static_cast<uint64_t>(j);
+  for (int64_t j = 0; j < n; ++j) keys[j] = {L.big_digit(ids[p0 + j]), ids[p0 + j], j};
   std::sort(keys.begin(), keys.end());
+}
+
+// The rows of one sorted block: for each key, dest(j) is where its row goes, then
+// done(j) is called. A duplicate of the previous id gets its row again; an id with the
+// previous one's prefix (i_0 .. i_{d-2}) reuses its prefix product. The same products in
+// the same order as tt_row for each row, so the same bits.
+template <typename scalar_t, typename acc_t, typename Dest, typename Done>
+void block_rows(
+    const TTLayout& L,
+    MmFn<acc_t> mm,
+    const scalar_t* const* cores,
+    const std::vector<BlockKey>& keys,
+    RowScratch<scalar_t, acc_t>& s,
+    const Dest& dest,
+    const Done& done) {
+  const int64_t d = L.d;
+  std::vector<int64_t> prefix(std::max<int64_t>(d - 1, 1), -1);
+  const acc_t* P = nullptr;
+  const acc_t* prev = nullptr;
+  int64_t prev_id = -1;
+  for (const BlockKey& key : keys) {
+    acc_t* row = dest(key.j);
+    if (key.id == prev_id) {
+      if (row != prev) std::memcpy(row, prev, sizeof(acc_t) * L.D);
+    } else if (d == 1) {
+      s.load(L, cores, key.id);
+      std::memcpy(row, s.A[0], sizeof(acc_t) * L.D);
+    } else {
+      row_digits(key.id, L.p.data(), d, s.digit.data());
+      const bool same = P != nullptr && std::equal(prefix.begin(), prefix.end(), s.digit.begin());
+      if (!same) {
+        for (int64_t k = 0; k < d - 1; ++k) {
+          s.A[k] = load_slice(cores[k], s.digit[k], L.S[k], s.conv.data() + L.S_off[k]);
+          prefix[k] = s.digit[k];
+        }
+        P = tt_prefix(L, mm, s.A.data(), s.buf0.data(), s.buf1.data());
+      }
+      const acc_t* A_last = load_slice(cores[d - 1], s.digit[d - 1], L.S[d - 1], s.conv.data() + L.S_off[d - 1]);
+      tt_row_of_prefix(L, mm, P, A_last, row);
+    }
+    prev = row;
+    prev_id = key.id;
+    done(key.j);
+  }
 }
 
 template <typename scalar_t>
@@ -529,7 +594,7 @@ void forward_kernel(
   at::parallel_for(0, num_bags, bag_grain(num_bags, nnz), [&](int64_t b0, int64_t b1) {
     RowScratch<scalar_t, acc_t> s(L);
     std::vector<acc_t> pooled(D), rows(block * D);
-    std::vector<uint64_t> keys;
+    std::vector<BlockKey> keys;
     acc_t* acc = pooled.data();
     int64_t b = b0;  // the bag being pooled
     auto finish_bag = [&]() {
@@ -542,11 +607,8 @@ void forward_kernel(
     for (int64_t p0 = offsets[b0]; p0 < end_pos; p0 += block) {
       const int64_t np = std::min(block, end_pos - p0);
       sort_block(L, ids, p0, np, keys);
-      for (const uint64_t key : keys) {
-        const int64_t j = static_cast<int64_t>(key & 0xffffffffu);
-        s.load(L, core_ptrs.data(), ids[p0 + j]);
-        tt_row(L, mm, s.A.data(), s.buf0.data(), s.buf1.data(), rows.data() + j * D);
-      }
+      block_rows(
+          L, mm, core_ptrs.data(), keys, s, [&](int64_t j) { return rows.data() + j * D; }, [](int64_t) {});
       for (int64_t i = p0; i < p0 + np; ++i) {
         while (offsets[b + 1] <= i) finish_bag();  // i < end_pos, so b stays < b1
         const acc_t* TT_RESTRICT row = rows.data() + (i - p0) * D;
@@ -624,19 +686,22 @@ at::Tensor tt_lookup_rows_cpu(
     const int64_t block = block_positions(L, sizeof(acc_t));
     at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
       RowScratch<scalar_t, acc_t> s(L);
-      std::vector<uint64_t> keys;
+      std::vector<BlockKey> keys;
       for (int64_t p0 = i0; p0 < i1; p0 += block) {
         sort_block(L, ids, p0, std::min(block, i1 - p0), keys);
-        for (const uint64_t key : keys) {
-          const int64_t i = p0 + static_cast<int64_t>(key & 0xffffffffu);
-          s.load(L, core_ptrs.data(), ids[i]);
+        auto dest = [&](int64_t j) -> acc_t* {
           if constexpr (std::is_same_v<scalar_t, acc_t>) {
-            tt_row(L, mm, s.A.data(), s.buf0.data(), s.buf1.data(), reinterpret_cast<acc_t*>(o + i * D));
+            return reinterpret_cast<acc_t*>(o + (p0 + j) * D);
           } else {
-            tt_row(L, mm, s.A.data(), s.buf0.data(), s.buf1.data(), s.row.data());
-            for (int64_t j = 0; j < D; ++j) o[i * D + j] = static_cast<scalar_t>(s.row[j]);
+            return s.row.data();
           }
-        }
+        };
+        auto done = [&](int64_t j) {
+          if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+            for (int64_t c = 0; c < D; ++c) o[(p0 + j) * D + c] = static_cast<scalar_t>(s.row[c]);
+          }
+        };
+        block_rows(L, mm, core_ptrs.data(), keys, s, dest, done);
       }
     });
   });
