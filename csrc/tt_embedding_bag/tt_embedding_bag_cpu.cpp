@@ -821,6 +821,26 @@ void item_grads(
   }
 }
 
+// (id, position) of every position, in (id, position) order: a stable LSD radix sort of
+// the positions by id, 8 bits a pass over the bits the largest id needs (3 passes for
+// 11M rows; std::sort of the pairs took ~5.5 ms of a one-thread backward at 82k ids).
+std::vector<std::pair<int64_t, int64_t>> sorted_id_positions(const int64_t* ids, int64_t nnz) {
+  int64_t max_id = 0;
+  for (int64_t i = 0; i < nnz; ++i) max_id = std::max(max_id, ids[i]);
+  std::vector<int64_t> pos(nnz), tmp(nnz);
+  for (int64_t i = 0; i < nnz; ++i) pos[i] = i;
+  for (int shift = 0; shift < 64 && (max_id >> shift) != 0; shift += 8) {
+    int64_t start[257] = {};
+    for (int64_t i = 0; i < nnz; ++i) ++start[((ids[i] >> shift) & 0xff) + 1];
+    for (int b = 0; b < 256; ++b) start[b + 1] += start[b];
+    for (int64_t i = 0; i < nnz; ++i) tmp[start[(ids[pos[i]] >> shift) & 0xff]++] = pos[i];
+    pos.swap(tmp);
+  }
+  std::vector<std::pair<int64_t, int64_t>> order(nnz);
+  for (int64_t i = 0; i < nnz; ++i) order[i] = {ids[pos[i]], pos[i]};
+  return order;
+}
+
 // Dense core gradients in acc_t: grads[k] is a zeroed [p_k, S_k] buffer that
 // receives, for every unique id u, the slice gradient L_k^T g_u R_k^T at row
 // digit_k(u), where g_u = sum of scale_i * grad_output[bag(i)] over the
@@ -879,9 +899,7 @@ void core_grads_kernel(
   });
 
   // Coalesce duplicates: sort (id, position), segment by id.
-  std::vector<std::pair<int64_t, int64_t>> order(nnz);
-  for (int64_t i = 0; i < nnz; ++i) order[i] = {ids[i], i};
-  std::sort(order.begin(), order.end());
+  const std::vector<std::pair<int64_t, int64_t>> order = sorted_id_positions(ids, nnz);
   std::vector<int64_t> seg;  // seg[u] = first pair of unique id u; seg[n] = nnz
   seg.reserve(nnz + 1);
   for (int64_t i = 0; i < nnz; ++i)
