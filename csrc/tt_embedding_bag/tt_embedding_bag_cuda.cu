@@ -1046,6 +1046,12 @@ struct Batch {
   int32_t* urow_dig = nullptr;        // last digit of each unique row
 };
 
+// An on/off environment switch of the kernels: on unless set to "0" (read once by each caller).
+bool env_switch_on(const char* name) {
+  const char* e = std::getenv(name);
+  return !(e != nullptr && std::strcmp(e, "0") == 0);
+}
+
 // Step 2's sort of a batch's (key, position) pairs: cub's onesweep radix sort, with a
 // smaller tile than cub's sm_90 tuning for inputs up to kSmallSortMax keys. cub's tile
 // (384 threads x 30 pairs of a 64-bit key and a 32-bit value) gives a batch of 82k ids 7
@@ -1073,10 +1079,7 @@ struct SmallTileSortPolicyHub {
 };
 
 bool small_sort_tile_enabled() {
-  static const bool enabled = [] {
-    const char* e = std::getenv("TORCHREC_TT_CUDA_SORT_TILE");
-    return !(e != nullptr && std::strcmp(e, "0") == 0);
-  }();
+  static const bool enabled = env_switch_on("TORCHREC_TT_CUDA_SORT_TILE");
   return enabled;
 }
 
@@ -1325,19 +1328,13 @@ BatchCache& batch_cache() {
 
 // TORCHREC_TT_CUDA_REUSE=0 turns the forward -> backward reuse off.
 bool batch_reuse_enabled() {
-  static const bool enabled = [] {
-    const char* e = std::getenv("TORCHREC_TT_CUDA_REUSE");
-    return !(e != nullptr && std::strcmp(e, "0") == 0);
-  }();
+  static const bool enabled = env_switch_on("TORCHREC_TT_CUDA_REUSE");
   return enabled;
 }
 
 // TORCHREC_TT_CUDA_STREAMS=0 keeps the whole backward on the caller's stream.
 bool side_stream_enabled() {
-  static const bool enabled = [] {
-    const char* e = std::getenv("TORCHREC_TT_CUDA_STREAMS");
-    return !(e != nullptr && std::strcmp(e, "0") == 0);
-  }();
+  static const bool enabled = env_switch_on("TORCHREC_TT_CUDA_STREAMS");
   return enabled;
 }
 
@@ -1421,10 +1418,7 @@ ItemArgs<scalar_t, acc_t> item_args(const TTDims& t, const std::vector<at::Tenso
 // backward's output gradient) are 16-byte aligned (float4 loads); others take the generic
 // block kernels. TORCHREC_TT_CUDA_FAST=0 forces the generic ones.
 bool fast_path_ok(const TTDims& t, const std::vector<at::Tensor>& cores, const void* grad_out = nullptr) {
-  static const bool enabled = [] {
-    const char* e = std::getenv("TORCHREC_TT_CUDA_FAST");
-    return !(e != nullptr && std::strcmp(e, "0") == 0);
-  }();
+  static const bool enabled = env_switch_on("TORCHREC_TT_CUDA_FAST");
   if (!enabled || cores[0].scalar_type() != at::kFloat || t.d != 3) return false;
   if (!(t.q[0] == 4 && t.r[1] == 32 && t.q[1] == 4 && t.r[2] == 32 && t.q[2] == 4)) return false;
   auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
