@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -519,7 +520,7 @@ int64_t block_positions(const TTLayout& L, int64_t acc_size) {
 struct BlockKey {
   int64_t big, id, j;
   bool operator<(const BlockKey& o) const {
-    return big != o.big ? big < o.big : id != o.id ? id < o.id : j < o.j;
+    return std::tie(big, id, j) < std::tie(o.big, o.id, o.j);
   }
 };
 
@@ -786,9 +787,7 @@ void item_grads(
     }
   }
   auto same_prefix = [&](int64_t a, int64_t b) {
-    for (int64_t k = 0; k < kl; ++k)
-      if (udig[a * d + k] != udig[b * d + k]) return false;
-    return true;
+    return std::equal(udig + a * d, udig + a * d + kl, udig + b * d);
   };
   for (int64_t i0 = 0; i0 < n;) {
     int64_t i1 = i0 + 1;
@@ -821,6 +820,15 @@ void item_grads(
   }
 }
 
+// in[0 .. n) reordered stably by key(x) in [0, bins) into out (counting sort).
+template <typename Key>
+void counting_sort(const int64_t* in, int64_t n, int64_t bins, const Key& key, int64_t* out) {
+  std::vector<int64_t> start(bins + 1, 0);
+  for (int64_t i = 0; i < n; ++i) ++start[key(in[i]) + 1];
+  for (int64_t b = 0; b < bins; ++b) start[b + 1] += start[b];
+  for (int64_t i = 0; i < n; ++i) out[start[key(in[i])]++] = in[i];
+}
+
 // (id, position) of every position, in (id, position) order: a stable LSD radix sort of
 // the positions by id, 8 bits a pass over the bits the largest id needs (3 passes for
 // 11M rows; std::sort of the pairs took ~5.5 ms of a one-thread backward at 82k ids).
@@ -830,10 +838,7 @@ std::vector<std::pair<int64_t, int64_t>> sorted_id_positions(const int64_t* ids,
   std::vector<int64_t> pos(nnz), tmp(nnz);
   for (int64_t i = 0; i < nnz; ++i) pos[i] = i;
   for (int shift = 0; shift < 64 && (max_id >> shift) != 0; shift += 8) {
-    int64_t start[257] = {};
-    for (int64_t i = 0; i < nnz; ++i) ++start[((ids[i] >> shift) & 0xff) + 1];
-    for (int b = 0; b < 256; ++b) start[b + 1] += start[b];
-    for (int64_t i = 0; i < nnz; ++i) tmp[start[(ids[pos[i]] >> shift) & 0xff]++] = pos[i];
+    counting_sort(pos.data(), nnz, 256, [&](int64_t i) { return (ids[i] >> shift) & 0xff; }, tmp.data());
     pos.swap(tmp);
   }
   std::vector<std::pair<int64_t, int64_t>> order(nnz);
@@ -919,13 +924,9 @@ void core_grads_kernel(
   // Unique ids ordered by (digit of the big core, id): stable counting sort.
   const int64_t kb = L.kb;
   const int64_t S_kb = L.S[kb];
-  std::vector<int64_t> perm(n);
-  {
-    std::vector<int64_t> start(L.p[kb] + 1, 0);
-    for (int64_t u = 0; u < n; ++u) ++start[udig[u * d + kb] + 1];
-    for (int64_t i = 0; i < L.p[kb]; ++i) start[i + 1] += start[i];
-    for (int64_t u = 0; u < n; ++u) perm[start[udig[u * d + kb]]++] = u;
-  }
+  std::vector<int64_t> perm(n), uids(n);
+  for (int64_t u = 0; u < n; ++u) uids[u] = u;
+  counting_sort(uids.data(), n, L.p[kb], [&](int64_t u) { return udig[u * d + kb]; }, perm.data());
 
   // Chunk buffer for the other cores' slices (~1 MiB; a shape-only constant).
   std::vector<int64_t> other_off(d, 0);
