@@ -466,20 +466,26 @@ def kernel_us_per_step(prof, steps: int) -> float:
     return sum(e.self_device_time_total for e in rows if e.self_cpu_time_total == 0) / steps
 
 
+def profiled_steps(step, batch, steps: int = 5, warmup: int = 3):
+    """A torch.profiler run (host and CUDA activity) of ``steps`` calls of ``step(batch)``, after ``warmup``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        step(batch)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step(batch)
+        torch.cuda.synchronize()
+    return prof
+
+
 def profile_tt(tt_mod, dense_step, src, case, index_dtype, D, device) -> dict:
     """Prints torch.profiler tables of 5 TT steps of ``case``; returns kernel us per step of TT and dense."""
     num_bags, bag = case
     ids, offsets = src.batch(num_bags, bag, index_dtype)
-    g = torch.randn(num_bags, D, device=device)
-    for _ in range(3):
-        tt_mod(ids, offsets).backward(g)
-    torch.cuda.synchronize()
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            tt_mod(ids, offsets).backward(g)
-        torch.cuda.synchronize()
+    batch = (ids, offsets, torch.randn(num_bags, D, device=device))
+    prof = profiled_steps(lambda b: tt_mod(b[0], b[1]).backward(b[2]), batch)
     avg = prof.key_averages()
     print(f"\nKernel time of 5 TT steps at B={num_bags}, L={bag}:")
     print(avg.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=90))
@@ -487,15 +493,7 @@ def profile_tt(tt_mod, dense_step, src, case, index_dtype, D, device) -> dict:
     print(avg.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
     out = {"B": num_bags, "L": bag, "tt_kernel_us_per_step": kernel_us_per_step(prof, 5)}
     if dense_step is not None:  # the dense step's kernels alike (its sum of kernel times, not its wall time)
-        batch = (ids, offsets, g)
-        for _ in range(3):
-            dense_step(batch)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as dprof:
-            for _ in range(5):
-                dense_step(batch)
-            torch.cuda.synchronize()
-        out["dense_kernel_us_per_step"] = kernel_us_per_step(dprof, 5)
+        out["dense_kernel_us_per_step"] = kernel_us_per_step(profiled_steps(dense_step, batch), 5)
     print(
         f"\nKernel time per step at B={num_bags}, L={bag} (sum over kernels, us): TT "
         f"{out['tt_kernel_us_per_step']:.1f}, dense {out.get('dense_kernel_us_per_step', float('nan')):.1f}"
