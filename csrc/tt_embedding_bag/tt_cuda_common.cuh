@@ -42,6 +42,15 @@ struct TTDims {
   int64_t kw[kMaxCores];  // weight of prefix digit k in the sort key: prod(p[0..k-1])
 };
 
+// One grid serving several parts (cores, sorts): blocks [first[k], first[k + 1]) serve part
+// k of n. Returns this block's part and sets *rel to the block's index within it.
+__device__ __forceinline__ int part_of_block(const int* first, int n, int* rel) {
+  int k = 0;
+  while (k + 1 < n && static_cast<int>(blockIdx.x) >= first[k + 1]) ++k;
+  *rel = static_cast<int>(blockIdx.x) - first[k];
+  return k;
+}
+
 // Sort key of a row id. Rows are grouped by their prefix (i_0..i_{d-2}) with the
 // last digit least significant; inside the prefix the digits are reversed
 // (i_{d-2} most significant), so that consecutive prefixes share the slice of

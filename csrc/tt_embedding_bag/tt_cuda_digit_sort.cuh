@@ -52,14 +52,6 @@ struct DigitSortPass {
   const int64_t* offs;             // their exclusive scan, read by the scatter kernel
 };
 
-// The sort and the tile a block serves.
-__device__ __forceinline__ int digit_sort_of_block(const DigitSortPass& a, int* tile) {
-  int s = 0;
-  while (s + 1 < a.nsorts && static_cast<int>(blockIdx.x) >= a.tile0[s + 1]) ++s;
-  *tile = static_cast<int>(blockIdx.x) - a.tile0[s];
-  return s;
-}
-
 // Key and value of entry i (< n) of sort s; `count`: *a.count[s] on pass 0.
 __device__ __forceinline__ void digit_sort_input(const DigitSortPass& a, int s, int i, int count, int32_t& key, int32_t& val) {
   if (a.shift == 0) {
@@ -74,7 +66,7 @@ __device__ __forceinline__ void digit_sort_input(const DigitSortPass& a, int s, 
 __global__ void __launch_bounds__(kSortThreads) tt_digit_hist_kernel(const __grid_constant__ DigitSortPass a) {
   __shared__ int h[kSortBins];
   int tile = 0;
-  const int s = digit_sort_of_block(a, &tile);
+  const int s = part_of_block(a.tile0, a.nsorts, &tile);
   const int tid = threadIdx.x;
   h[tid] = 0;
   __syncthreads();
@@ -101,7 +93,7 @@ __global__ void __launch_bounds__(kSortThreads) tt_digit_scatter_kernel(const __
   __shared__ int32_t skey[kSortTile], sval[kSortTile];  // the tile's entries in input order
   __shared__ int64_t base[kSortBins];                   // output of the digit's entry of sorted rank q: base + q
   int tile = 0;
-  const int s = digit_sort_of_block(a, &tile);
+  const int s = part_of_block(a.tile0, a.nsorts, &tile);
   const int tid = threadIdx.x;
   const int n = a.n[s];
   const int count = a.shift == 0 ? *a.count[s] : 0;

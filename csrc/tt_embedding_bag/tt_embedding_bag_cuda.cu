@@ -627,15 +627,6 @@ struct ReduceLaunch {
   const int32_t* ncross;
 };
 
-// The core a block serves and its block index within that core.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ const ReduceArgs<scalar_t, acc_t>& reduce_core(const ReduceLaunch<scalar_t, acc_t>& m, int* blk) {
-  int k = 0;
-  while (k + 1 < m.ncores && static_cast<int>(blockIdx.x) >= m.block0[k + 1]) ++k;
-  *blk = static_cast<int>(blockIdx.x) - m.block0[k];
-  return m.r[k];
-}
-
 // v[u] = src[x0 + u * stride] (0 past S): the U loads of a thread, issued together.
 template <int U, typename acc_t>
 __device__ __forceinline__ void load_unrolled(acc_t (&v)[U], const acc_t* src, int x0, int stride, int S) {
@@ -741,7 +732,7 @@ __global__ void __launch_bounds__(kThreads, MIN_BLOCKS) tt_reduce_kernel(const _
   __shared__ int sitem[kReduceChunk];
   __shared__ int strow[KIND == kPlainSum ? 1 : kReduceChunk];  // the row of tbuf with the item's T
   int blk = 0;
-  const ReduceArgs<scalar_t, acc_t>& a = reduce_core(m, &blk);
+  const ReduceArgs<scalar_t, acc_t>& a = m.r[part_of_block(m.block0, m.ncores, &blk)];
   const int n = *a.count;
   const int s0 = blk * kReduceChunk;
   if (s0 >= n) return;
