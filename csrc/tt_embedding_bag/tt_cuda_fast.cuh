@@ -279,6 +279,12 @@ __device__ __forceinline__ void mma_prefix_grad(
 // 16-byte load each. Written once per warp, read by all NW warps (no splitting there).
 constexpr int kStackFloats = 2 * 2 * 2 * 32 * 4;  // [sl][part][mt][lane][4]
 
+// Where lane's float4 of k-step sl, part (0: hi, 1: lo) and m-tile mt lies in the A stack.
+__host__ __device__ constexpr int stack_offset(int sl, int part, int mt, int lane) {
+  return ((sl * 2 + part) * 2 + mt) * 128 + 4 * lane;
+}
+static_assert(stack_offset(2, 0, 0, 0) == kStackFloats, "A stack layout");
+
 // The warp's stack: lane (g, t) loads the 16 values of its fragments straight from core 0
 // (k-row 8 sl + 4 u + t is row j0 = t of slot 2 sl + u; columns g, g + 8, g + 16, g + 24).
 template <int R1, int S0>
@@ -299,9 +305,8 @@ __device__ __forceinline__ void store_t0_stack(const float* c0, int d0_slot, int
       // (a0, a1, a2, a3) = (slot 2sl, col m), (2sl, m + 8), (2sl + 1, m), (2sl + 1, m + 8), m = 16 mt + g
       const Tf32Pair p[4] = {split_tf32(v[2 * sl][2 * mt]), split_tf32(v[2 * sl][2 * mt + 1]),
                              split_tf32(v[2 * sl + 1][2 * mt]), split_tf32(v[2 * sl + 1][2 * mt + 1])};
-      float* const dst = stack + ((sl * 2) * 2 + mt) * 128 + 4 * lane;
-      *reinterpret_cast<uint4*>(dst) = make_uint4(p[0].hi, p[1].hi, p[2].hi, p[3].hi);
-      *reinterpret_cast<uint4*>(dst + 256) = make_uint4(p[0].lo, p[1].lo, p[2].lo, p[3].lo);
+      *reinterpret_cast<uint4*>(stack + stack_offset(sl, 0, mt, lane)) = make_uint4(p[0].hi, p[1].hi, p[2].hi, p[3].hi);
+      *reinterpret_cast<uint4*>(stack + stack_offset(sl, 1, mt, lane)) = make_uint4(p[0].lo, p[1].lo, p[2].lo, p[3].lo);
     }
 }
 
@@ -330,13 +335,13 @@ __device__ void fused_core1_sums(
     for (int s = ra / 2; s < (rb + 1) / 2; ++s) {
       const bool in0 = 2 * s >= ra, in1 = 2 * s + 1 < rb;  // items 2s, 2s + 1 in the run (uniform)
       const float* const ys = smem + (s >> 1) * WF;
-      const float* const st = ys + kMmaRows * kPLd + (s & 1) * 512 + 4 * lane;
+      const float* const st = ys + kMmaRows * kPLd;  // the A stack of the warp holding items 2s, 2s + 1
       const int lr = 8 * (s & 1) + t;  // the warp's Y row of slot t; lr + 4: slot t + 4
       Tf32Pair af[2][4];
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
-        const uint4 hi = *reinterpret_cast<const uint4*>(st + mt * 128);
-        const uint4 lo = *reinterpret_cast<const uint4*>(st + 256 + mt * 128);
+        const uint4 hi = *reinterpret_cast<const uint4*>(st + stack_offset(s & 1, 0, mt, lane));
+        const uint4 lo = *reinterpret_cast<const uint4*>(st + stack_offset(s & 1, 1, mt, lane));
         af[mt][0] = {hi.x, lo.x};
         af[mt][1] = {hi.y, lo.y};
         af[mt][2] = {hi.z, lo.z};
