@@ -1970,6 +1970,7 @@ void run_backward(
     // of D-element slices
     const bool is_cache = k == d;
     const bool has_T = k >= 1 && k < L;
+    const bool fused_entry = fused1 && k == 1;  // summed by the item kernel: no reduction launch
     const bool fast_t = std::is_same_v<acc_t, float> && has_T && t.r[k] == 32 && t.n[k] == 128;
     const int kind = !has_T ? kPlainSum : fast_t ? kFastT : kGemmT;
     const int S = is_cache ? t.D : t.S[k];
@@ -1983,7 +1984,7 @@ void run_backward(
     r.perm = is_cache ? nullptr : perms[k];
     r.tbuf = has_T ? tbuf[k] : nullptr;
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      if (fast && k == 1) {  // T_0 = G_0[i_0], read from core 0 (updated after this reduction)
+      if (fast && k == 1 && !fused_entry) {  // T_0 = G_0[i_0], read from core 0 (updated after this reduction)
         r.tbuf = cores[0].const_data_ptr<scalar_t>();
         r.tdig = bt.item_dig[0];
       }
@@ -2006,29 +2007,28 @@ void run_backward(
     r.lr = static_cast<acc_t>(learning_rate);
     r.eps = static_cast<acc_t>(eps);
     r.entry = k;
-    const bool fused_list = fused1 && k == 1;
-    r.cross = fused_list ? cross + cross_cap : cross;
-    r.ncross = bt.counts + (fused_list ? kCrossRunsFused : kCrossRuns);
-    r.cross_cap = static_cast<int>(fused_list ? fused_cap : cross_cap);
-    SmemPlan sp;
-    const int64_t stage_elems = has_T ? int64_t{kNI} * t.Q[k] * (t.r[k] + t.n[k]) : 0;
-    if (kind == kFastT && stage_elems >= S) {
-      // register-tiled sums: the slice is written to shared memory only after the last
-      // staging, so it can take the staging buffers' place (more blocks per SM)
-      r.sm_ts = sp.take(int64_t{kNI} * t.Q[k] * t.r[k]);
-      r.sm_dts = sp.take(int64_t{kNI} * t.Q[k] * t.n[k]);
-      r.sm_acc = r.sm_ts;
-    } else {
-      r.sm_acc = sp.take(S);
-      if (has_T) {
+    r.cross = fused_entry ? cross + cross_cap : cross;
+    r.ncross = bt.counts + (fused_entry ? kCrossRunsFused : kCrossRuns);
+    r.cross_cap = static_cast<int>(fused_entry ? fused_cap : cross_cap);
+    if (!fused_entry) {
+      SmemPlan sp;
+      const int64_t stage_elems = has_T ? int64_t{kNI} * t.Q[k] * (t.r[k] + t.n[k]) : 0;
+      if (kind == kFastT && stage_elems >= S) {
+        // register-tiled sums: the slice is written to shared memory only after the last
+        // staging, so it can take the staging buffers' place (more blocks per SM)
         r.sm_ts = sp.take(int64_t{kNI} * t.Q[k] * t.r[k]);
         r.sm_dts = sp.take(int64_t{kNI} * t.Q[k] * t.n[k]);
-        if (kind == kGemmT) r.sm_scratch = sp.take(kGemmScratch);
+        r.sm_acc = r.sm_ts;
+      } else {
+        r.sm_acc = sp.take(S);
+        if (has_T) {
+          r.sm_ts = sp.take(int64_t{kNI} * t.Q[k] * t.r[k]);
+          r.sm_dts = sp.take(int64_t{kNI} * t.Q[k] * t.n[k]);
+          if (kind == kGemmT) r.sm_scratch = sp.take(kGemmScratch);
+        }
       }
-    }
-    r.sm_red = sp.take(kThreads + 4);
-    const int64_t nb = ceil_div(is_cache ? bt.max_urows : nkeys[k], kReduceChunk);
-    if (!(fused1 && k == 1)) {  // fused: the item kernel sums the chunks
+      r.sm_red = sp.take(kThreads + 4);
+      const int64_t nb = ceil_div(is_cache ? bt.max_urows : nkeys[k], kReduceChunk);
       ReduceLaunch<scalar_t, acc_t>& kl = kind_launch[kind];
       TORCH_CHECK(kl.block0[kl.ncores] + nb < INT_MAX, op, ": too many reduction blocks");
       kl.r[kl.ncores] = r;
