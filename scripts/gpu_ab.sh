@@ -17,12 +17,7 @@
 #   BASELINE_BENCH_ARGS  their benchmark arguments (default: --dists uniform --optimizers sgd --profile 4096x20)
 #   BASELINE_TESTS=1     also run their tests/test_cuda_kernels.py
 # Exit status: gpu_run.sh's, or 1 if a baseline failed to build or to run.
-set -uo pipefail
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$root"
-out=${OUT:-$root/benchmarks/results/latest}
-mkdir -p "$out"
-py=${PYTHON:-python3}
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_preamble.sh" || exit 1
 site=/tmp/site  # where scripts/gpu_setup.sh (run by gpu_run.sh) installs the carried wheels
 baseline_args=${BASELINE_BENCH_ARGS:---dists uniform --optimizers sgd --profile 4096x20}
 

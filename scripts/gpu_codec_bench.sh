@@ -32,12 +32,8 @@
 #   EXTRA_ARGS   more train_dlrm.py flags for stages 2 and 3 (appended last: they override)
 #   MICRO_ARGS   more bench_comm_codec.py flags for stage 1 (appended last)
 #   DEVICE       cuda (default) or cpu (gloo; only to try the script out on a CPU machine)
-set -uo pipefail
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$root"
-py=${PYTHON:-python3}
-out=${OUT:-$root/benchmarks/results/$(date +%F)_comm_codec_gpu}
-mkdir -p "$out"
+default_results=$(date +%F)_comm_codec_gpu
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_preamble.sh" || exit 1
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 stamp() { echo "[gpu_codec_bench $(date +%H:%M:%S)] $*" >&2; }
 stages=${STAGES:-micro e2e auc}

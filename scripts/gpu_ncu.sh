@@ -17,12 +17,7 @@
 #   KERNELS     ncu kernel-name regex (default: the fast item kernels and the reductions)
 #   NCU_SET     ncu section set (default "full")
 #   SKIP_BUILD  1 (default): the extension is already built; 0: run scripts/gpu_build.sh first
-set -uo pipefail
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$root"
-out=${OUT:-$root/benchmarks/results/latest}
-mkdir -p "$out"
-py=${PYTHON:-python3}
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_preamble.sh" || exit 1
 export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 if [ "${SKIP_BUILD:-1}" != 1 ]; then
   PYTHON=$py bash scripts/gpu_build.sh "$out/build.log" || { tail -30 "$out/build.log"; exit 1; }

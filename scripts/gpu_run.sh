@@ -17,12 +17,7 @@
 #   VARIANTS="A=1 B=2,C=3"        A/B runs: the benchmark again once per space-separated variant, with
 #                                 its comma-separated VAR=value settings (args: VARIANT_BENCH_ARGS)
 # Exit status: non-zero if the build, the tests or the benchmark failed.
-set -uo pipefail
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$root"
-out=${OUT:-$root/benchmarks/results/latest}
-mkdir -p "$out"
-py=${PYTHON:-python3}
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_preamble.sh" || exit 1
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 status=()
 stamp() { echo "[gpu_run $(date +%H:%M:%S)] $*"; }

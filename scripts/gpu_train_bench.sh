@@ -22,12 +22,7 @@
 # (--synthetic_pool_batches 32), so data generation does not limit the GPU; no evaluation,
 # no checkpoints. "none" on a machine without FBGEMM's CUDA build runs the uncompressed tables
 # inside TTEmbeddingBagCollection (one-core TT lookups): summary field embedding_module says which.
-set -uo pipefail
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$root"
-py=${PYTHON:-python3}
-out=${OUT:-$root/benchmarks/results/latest}
-mkdir -p "$out"
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_preamble.sh" || exit 1
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 stamp() { echo "[gpu_train_bench $(date +%H:%M:%S)] $*" >&2; }
 

@@ -169,7 +169,8 @@ def test_gpu_ab_script_builds_benchmarks_and_reports(tmp_path):
     # checkout's benchmark log, baseline b1 builds and benchmarks, baseline b2 fails to build.
     repo = Path(__file__).resolve().parent.parent
     root = tmp_path / "tree"
-    _write(root / "scripts" / "gpu_ab.sh", (repo / "scripts" / "gpu_ab.sh").read_text(), 0o755)
+    for script in ("gpu_ab.sh", "gpu_preamble.sh"):
+        _write(root / "scripts" / script, (repo / "scripts" / script).read_text(), 0o755)
     _write(root / "benchmarks" / "ab_report.py", SCRIPT.read_text())
     (tmp_path / "this.log").write_text(_log())
     (tmp_path / "base.log").write_text(_log(steps=10))
