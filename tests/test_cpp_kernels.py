@@ -200,11 +200,11 @@ def test_fused_matches_oracle(shape, optimizer, state_dtype):
 
 @needs_cpp
 def test_backward_over_several_chunks_and_few_ids_matches_oracle():
-    # ~4000 unique ids of 2048-id chunks (1 MiB of the small cores' float64 slices): the
+    # ~20000 unique ids of 8192-id chunks (4 MiB of the small cores' float64 slices): the
     # chunk buffer is reused, and ids of one prefix item straddle a chunk's end.
     p, q, ranks, n = [30, 40, 50], [2, 2, 2], [1, 16, 16, 1], 60000
     cores = make_cores(p, q, ranks)
-    lengths = [0, *([5] * 999), 7]
+    lengths = [0, *([5] * 4999), 7]
     ids = torch.cat([torch.randint(0, n, (sum(lengths) - 200,)), torch.arange(0, 400, 2)])  # runs of shared prefixes
     offs = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
     go = torch.randn(len(lengths), math.prod(q), dtype=torch.float64)
