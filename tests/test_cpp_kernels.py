@@ -173,6 +173,21 @@ def test_forward_backward_lookup_match_oracle(shape, mode, weighted):
 
 
 @needs_cpp
+@pytest.mark.parametrize("mode", [0, 1], ids=["sum", "mean"])
+def test_forward_over_several_spans_matches_oracle(mode):
+    # The forward takes whole bags in spans of ~64 MiB of rows: 1024 positions of D = 8192 in
+    # float64. Three spans: four bags (the last one empty), one bag longer than a span on its
+    # own, then the rest; every span sorts and deduplicates its own ids.
+    p, q, ranks, n = [4, 5, 6], [16, 16, 32], [1, 2, 2, 1], 115
+    cores = make_cores(p, q, ranks)
+    ids, offs = make_bags(n, lengths=[0, 300, 700, 0, 1500, 200, 0, 400, 0])
+    psw = torch.rand(ids.numel(), dtype=torch.float64) if mode == 1 else None
+    args = (ids, offs, psw, p, q, ranks, n, mode)
+    want = oracle_pool(dense_table(cores, p, q, ranks, n), ids, offs, psw, mode)
+    close(tt.tt_embedding_bag_forward(cores, *args), want, torch.float64)
+
+
+@needs_cpp
 @pytest.mark.parametrize("shape", SHAPES[1:3], ids=lambda s: f"d{len(s[0])}")
 @pytest.mark.parametrize(
     "optimizer,state_dtype",

@@ -506,12 +506,38 @@ int64_t bag_grain(int64_t num_bags, int64_t nnz, int64_t target = 16) {
 
 // --------------------------------------------------------------- forward
 
-// Ids are processed in blocks of positions whose rows fit ~256 KiB; inside a
-// block the rows are computed in the order of their big-core digit, so that
-// ids sharing the largest slice run back to back while it is in cache (the
-// forward is bound by fetching slices otherwise). Rows are exact whatever the
-// order; pooling then adds them in position order, so results depend neither
-// on the blocking nor on the thread count.
+// in[0 .. n) reordered stably by key(x) in [0, bins) into out (counting sort).
+template <typename Key>
+void counting_sort(const int64_t* in, int64_t n, int64_t bins, const Key& key, int64_t* out) {
+  std::vector<int64_t> start(bins + 1, 0);
+  for (int64_t i = 0; i < n; ++i) ++start[key(in[i]) + 1];
+  for (int64_t b = 0; b < bins; ++b) start[b + 1] += start[b];
+  for (int64_t i = 0; i < n; ++i) out[start[key(in[i])]++] = in[i];
+}
+
+// (id, position) of every position, in (id, position) order: a stable LSD radix sort of
+// the positions by id, 8 bits a pass over the bits the largest id needs (3 passes for
+// 11M rows; std::sort of the pairs took ~5.5 ms of a one-thread backward at 82k ids).
+std::vector<std::pair<int64_t, int64_t>> sorted_id_positions(const int64_t* ids, int64_t nnz) {
+  int64_t max_id = 0;
+  for (int64_t i = 0; i < nnz; ++i) max_id = std::max(max_id, ids[i]);
+  std::vector<int64_t> pos(nnz), tmp(nnz);
+  for (int64_t i = 0; i < nnz; ++i) pos[i] = i;
+  for (int shift = 0; shift < 64 && (max_id >> shift) != 0; shift += 8) {
+    counting_sort(pos.data(), nnz, 256, [&](int64_t i) { return (ids[i] >> shift) & 0xff; }, tmp.data());
+    pos.swap(tmp);
+  }
+  std::vector<std::pair<int64_t, int64_t>> order(nnz);
+  for (int64_t i = 0; i < nnz; ++i) order[i] = {ids[pos[i]], pos[i]};
+  return order;
+}
+
+
+// tt_lookup_rows takes its ids in blocks of positions whose rows fit ~256 KiB; inside a
+// block the rows are computed in the order of their big-core digit, so that ids sharing
+// the largest slice run back to back while it is in cache (the lookup is bound by fetching
+// slices otherwise). Rows are exact whatever the order, so results depend neither on the
+// blocking nor on the thread count.
 int64_t block_positions(const TTLayout& L, int64_t acc_size) {
   return std::max<int64_t>(16, (int64_t{256} << 10) / std::max<int64_t>(1, L.D * acc_size));
 }
@@ -541,7 +567,8 @@ void block_rows(
     const TTLayout& L,
     MmFn<acc_t> mm,
     const scalar_t* const* cores,
-    const std::vector<BlockKey>& keys,
+    const BlockKey* keys,
+    int64_t nkeys,
     RowScratch<scalar_t, acc_t>& s,
     const Dest& dest,
     const Done& done) {
@@ -550,7 +577,7 @@ void block_rows(
   const acc_t* P = nullptr;
   const acc_t* prev = nullptr;
   int64_t prev_id = -1;
-  for (const BlockKey& key : keys) {
+  for (const BlockKey& key : c10::ArrayRef<BlockKey>(keys, nkeys)) {
     acc_t* row = dest(key.j);
     if (key.id == prev_id) {
       if (row != prev) std::memcpy(row, prev, sizeof(acc_t) * L.D);
@@ -576,6 +603,25 @@ void block_rows(
   }
 }
 
+// The rows a bag pools are scattered over the span's row buffer (tens of MB): each is
+// fetched from memory kPoolPrefetch positions ahead of its use.
+constexpr int64_t kPoolPrefetch = 4;
+template <typename T>
+void prefetch_row(const T* row, int64_t n) {
+  for (int64_t x = 0; x < n; x += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(row + x);
+}
+
+// Positions per span of the forward: whole bags whose rows fit ~64 MiB (at least one bag).
+int64_t span_positions(const TTLayout& L, int64_t acc_size) {
+  return std::max<int64_t>(1024, (int64_t{64} << 20) / std::max<int64_t>(1, L.D * acc_size));
+}
+
+// The forward, a span of bags at a time: the span's positions are sorted by id, the row of
+// each unique id is computed once, in (big-core digit, id) order (block_rows: ids of one
+// prefix come together and share its prefix product; the largest slice stays in cache),
+// then every bag pools its rows in position order. Rows are exact whatever the order and
+// the task split, and pooling follows the positions: results depend neither on the spans
+// nor on the thread count (and are those of the row-by-row computation).
 template <typename scalar_t>
 void forward_kernel(
     const TTLayout& L,
@@ -591,42 +637,63 @@ void forward_kernel(
   const auto core_ptrs = const_ptrs<scalar_t>(cores);
   const MmFn<acc_t> mm = pick_mm<acc_t>();
   const int64_t D = L.D;
-  const int64_t block = block_positions(L, sizeof(acc_t));
-  at::parallel_for(0, num_bags, bag_grain(num_bags, nnz), [&](int64_t b0, int64_t b1) {
-    RowScratch<scalar_t, acc_t> s(L);
-    std::vector<acc_t> pooled(D), rows(block * D);
-    std::vector<BlockKey> keys;
-    acc_t* acc = pooled.data();
-    int64_t b = b0;  // the bag being pooled
-    auto finish_bag = [&]() {
-      scalar_t* o = out + b * D;
-      for (int64_t j = 0; j < D; ++j) o[j] = static_cast<scalar_t>(acc[j]);
-      std::fill(pooled.begin(), pooled.end(), acc_t(0));
-      ++b;
-    };
-    const int64_t end_pos = offsets[b1];
-    for (int64_t p0 = offsets[b0]; p0 < end_pos; p0 += block) {
-      const int64_t np = std::min(block, end_pos - p0);
-      sort_block(L, ids, p0, np, keys);
-      block_rows(
-          L, mm, core_ptrs.data(), keys, s, [&](int64_t j) { return rows.data() + j * D; }, [](int64_t) {});
-      for (int64_t i = p0; i < p0 + np; ++i) {
-        while (offsets[b + 1] <= i) finish_bag();  // i < end_pos, so b stays < b1
-        const acc_t* TT_RESTRICT row = rows.data() + (i - p0) * D;
-        if (weights == nullptr && !mean) {
-          for (int64_t j = 0; j < D; ++j) acc[j] += row[j];
-        } else {
-          acc_t scale = weights ? weights[i] : acc_t(1);
-          if (mean) {
-            const acc_t inv_len = acc_t(1) / static_cast<acc_t>(offsets[b + 1] - offsets[b]);
-            scale = weights ? scale * inv_len : inv_len;
-          }
-          for (int64_t j = 0; j < D; ++j) acc[j] += scale * row[j];
-        }
-      }
+  const int64_t span = span_positions(L, sizeof(acc_t));
+  std::vector<acc_t> rows;
+  std::vector<int64_t> row_of;  // span position -> row of its id in `rows`
+  std::vector<int64_t> by_id, by_big;
+  std::vector<BlockKey> keys;
+  for (int64_t b0 = 0; b0 < num_bags;) {
+    const int64_t* last = std::upper_bound(offsets + b0 + 1, offsets + num_bags + 1, offsets[b0] + span);
+    const int64_t b1 = std::max<int64_t>(b0 + 1, (last - offsets) - 1);
+    const int64_t p0 = offsets[b0], np = offsets[b1] - p0;
+    // unique ids of the span, in id order, then stably by big-core digit
+    const std::vector<std::pair<int64_t, int64_t>> order = sorted_id_positions(ids + p0, np);
+    row_of.resize(np);
+    by_id.clear();
+    for (int64_t e = 0; e < np; ++e) {
+      if (e == 0 || order[e].first != order[e - 1].first) by_id.push_back(order[e].first);
+      row_of[order[e].second] = static_cast<int64_t>(by_id.size()) - 1;
     }
-    while (b < b1) finish_bag();  // the last bag and trailing empty ones
-  });
+    const int64_t nu = static_cast<int64_t>(by_id.size());
+    std::vector<int64_t> u_idx(nu);
+    for (int64_t u = 0; u < nu; ++u) u_idx[u] = u;
+    by_big.resize(nu);
+    counting_sort(u_idx.data(), nu, L.p[L.kb], [&](int64_t u) { return L.big_digit(by_id[u]); }, by_big.data());
+    keys.resize(nu);
+    for (int64_t t = 0; t < nu; ++t) {
+      const int64_t u = by_big[t];
+      keys[t] = {L.big_digit(by_id[u]), by_id[u], u};
+    }
+    rows.resize(nu * D);
+    at::parallel_for(0, nu, 256, [&](int64_t t0, int64_t t1) {
+      RowScratch<scalar_t, acc_t> s(L);
+      block_rows(
+          L, mm, core_ptrs.data(), keys.data() + t0, t1 - t0, s, [&](int64_t u) { return rows.data() + u * D; },
+          [](int64_t) {});
+    });
+    at::parallel_for(b0, b1, bag_grain(b1 - b0, np), [&](int64_t c0, int64_t c1) {
+      std::vector<acc_t> acc(D);
+      for (int64_t b = c0; b < c1; ++b) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        const int64_t start = offsets[b], end = offsets[b + 1];
+        const acc_t inv_len = (mean && end > start) ? acc_t(1) / static_cast<acc_t>(end - start) : acc_t(1);
+        for (int64_t i = start; i < end; ++i) {
+          if (i + kPoolPrefetch < offsets[b1]) prefetch_row(rows.data() + row_of[i + kPoolPrefetch - p0] * D, D);
+          const acc_t* TT_RESTRICT row = rows.data() + row_of[i - p0] * D;
+          if (weights == nullptr && !mean) {
+            for (int64_t j = 0; j < D; ++j) acc[j] += row[j];
+          } else {
+            acc_t scale = weights ? weights[i] : acc_t(1);
+            if (mean) scale = weights ? scale * inv_len : inv_len;
+            for (int64_t j = 0; j < D; ++j) acc[j] += scale * row[j];
+          }
+        }
+        scalar_t* o = out + b * D;
+        for (int64_t j = 0; j < D; ++j) o[j] = static_cast<scalar_t>(acc[j]);
+      }
+    });
+    b0 = b1;
+  }
 }
 
 at::Tensor tt_embedding_bag_forward_cpu(
@@ -702,7 +769,7 @@ at::Tensor tt_lookup_rows_cpu(
             for (int64_t c = 0; c < D; ++c) o[(p0 + j) * D + c] = static_cast<scalar_t>(s.row[c]);
           }
         };
-        block_rows(L, mm, core_ptrs.data(), keys, s, dest, done);
+        block_rows(L, mm, core_ptrs.data(), keys.data(), static_cast<int64_t>(keys.size()), s, dest, done);
       }
     });
   });
@@ -818,32 +885,6 @@ void item_grads(
     tt_slice_grads(Lp, mm, rs.A.data(), is.dP.data(), is.gs, outs.data(), kb, bt_kb, rt_last);
     i0 = i1;
   }
-}
-
-// in[0 .. n) reordered stably by key(x) in [0, bins) into out (counting sort).
-template <typename Key>
-void counting_sort(const int64_t* in, int64_t n, int64_t bins, const Key& key, int64_t* out) {
-  std::vector<int64_t> start(bins + 1, 0);
-  for (int64_t i = 0; i < n; ++i) ++start[key(in[i]) + 1];
-  for (int64_t b = 0; b < bins; ++b) start[b + 1] += start[b];
-  for (int64_t i = 0; i < n; ++i) out[start[key(in[i])]++] = in[i];
-}
-
-// (id, position) of every position, in (id, position) order: a stable LSD radix sort of
-// the positions by id, 8 bits a pass over the bits the largest id needs (3 passes for
-// 11M rows; std::sort of the pairs took ~5.5 ms of a one-thread backward at 82k ids).
-std::vector<std::pair<int64_t, int64_t>> sorted_id_positions(const int64_t* ids, int64_t nnz) {
-  int64_t max_id = 0;
-  for (int64_t i = 0; i < nnz; ++i) max_id = std::max(max_id, ids[i]);
-  std::vector<int64_t> pos(nnz), tmp(nnz);
-  for (int64_t i = 0; i < nnz; ++i) pos[i] = i;
-  for (int shift = 0; shift < 64 && (max_id >> shift) != 0; shift += 8) {
-    counting_sort(pos.data(), nnz, 256, [&](int64_t i) { return (ids[i] >> shift) & 0xff; }, tmp.data());
-    pos.swap(tmp);
-  }
-  std::vector<std::pair<int64_t, int64_t>> order(nnz);
-  for (int64_t i = 0; i < nnz; ++i) order[i] = {ids[pos[i]], pos[i]};
-  return order;
 }
 
 // Dense core gradients in acc_t: grads[k] is a zeroed [p_k, S_k] buffer that
