@@ -532,7 +532,6 @@ std::vector<std::pair<int64_t, int64_t>> sorted_id_positions(const int64_t* ids,
   return order;
 }
 
-
 // tt_lookup_rows takes its ids in blocks of positions whose rows fit ~256 KiB; inside a
 // block the rows are computed in the order of their big-core digit, so that ids sharing
 // the largest slice run back to back while it is in cache (the lookup is bound by fetching
@@ -640,7 +639,7 @@ void forward_kernel(
   const int64_t span = span_positions(L, sizeof(acc_t));
   std::vector<acc_t> rows;
   std::vector<int64_t> row_of;  // span position -> row of its id in `rows`
-  std::vector<int64_t> by_id, by_big;
+  std::vector<int64_t> by_id, u_idx, by_big;  // unique ids in id order; their indices, by big digit
   std::vector<BlockKey> keys;
   for (int64_t b0 = 0; b0 < num_bags;) {
     const int64_t* last = std::upper_bound(offsets + b0 + 1, offsets + num_bags + 1, offsets[b0] + span);
@@ -655,7 +654,7 @@ void forward_kernel(
       row_of[order[e].second] = static_cast<int64_t>(by_id.size()) - 1;
     }
     const int64_t nu = static_cast<int64_t>(by_id.size());
-    std::vector<int64_t> u_idx(nu);
+    u_idx.resize(nu);
     for (int64_t u = 0; u < nu; ++u) u_idx[u] = u;
     by_big.resize(nu);
     counting_sort(u_idx.data(), nu, L.p[L.kb], [&](int64_t u) { return L.big_digit(by_id[u]); }, by_big.data());
