@@ -176,8 +176,9 @@ def test_forward_backward_lookup_match_oracle(shape, mode, weighted):
 @pytest.mark.parametrize("mode", [0, 1], ids=["sum", "mean"])
 def test_forward_over_several_spans_matches_oracle(mode):
     # The forward takes whole bags in spans of ~64 MiB of rows: 1024 positions of D = 8192 in
-    # float64. Three spans: four bags (the last one empty), one bag longer than a span on its
-    # own, then the rest; every span sorts and deduplicates its own ids.
+    # float64. Three spans: four bags (the last one empty), one bag longer than a span (pooled
+    # a span of its positions at a time), then the rest; every span sorts and deduplicates its
+    # own ids.
     p, q, ranks, n = [4, 5, 6], [16, 16, 32], [1, 2, 2, 1], 115
     cores = make_cores(p, q, ranks)
     ids, offs = make_bags(n, lengths=[0, 300, 700, 0, 1500, 200, 0, 400, 0])

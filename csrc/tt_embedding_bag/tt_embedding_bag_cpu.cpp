@@ -610,17 +610,19 @@ void prefetch_row(const T* row, int64_t n) {
   for (int64_t x = 0; x < n; x += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(row + x);
 }
 
-// Positions per span of the forward: whole bags whose rows fit ~64 MiB (at least one bag).
+// Positions per span of the forward: whole bags whose rows fit ~64 MiB (a longer bag is taken
+// a span of its positions at a time).
 int64_t span_positions(const TTLayout& L, int64_t acc_size) {
   return std::max<int64_t>(1024, (int64_t{64} << 20) / std::max<int64_t>(1, L.D * acc_size));
 }
 
-// The forward, a span of bags at a time: the span's positions are sorted by id, the row of
-// each unique id is computed once, in (big-core digit, id) order (block_rows: ids of one
-// prefix come together and share its prefix product; the largest slice stays in cache),
-// then every bag pools its rows in position order. Rows are exact whatever the order and
-// the task split, and pooling follows the positions: results depend neither on the spans
-// nor on the thread count (and are those of the row-by-row computation).
+// The forward, a span of bags at a time (memory: the rows of one span): the span's
+// positions are sorted by id, the row of each unique id is computed once, in (big-core
+// digit, id) order (block_rows: ids of one prefix come together and share its prefix
+// product; the largest slice stays in cache), then every bag pools its rows in position
+// order. Rows are exact whatever the order and the task split, and pooling follows the
+// positions: results depend neither on the spans nor on the thread count (and are those
+// of the row-by-row computation).
 template <typename scalar_t>
 void forward_kernel(
     const TTLayout& L,
@@ -638,14 +640,11 @@ void forward_kernel(
   const int64_t D = L.D;
   const int64_t span = span_positions(L, sizeof(acc_t));
   std::vector<acc_t> rows;
-  std::vector<int64_t> row_of;  // span position -> row of its id in `rows`
+  std::vector<int64_t> row_of;  // position - p0 -> row of its id in `rows`
   std::vector<int64_t> by_id, u_idx, by_big;  // unique ids in id order; their indices, by big digit
   std::vector<BlockKey> keys;
-  for (int64_t b0 = 0; b0 < num_bags;) {
-    const int64_t* last = std::upper_bound(offsets + b0 + 1, offsets + num_bags + 1, offsets[b0] + span);
-    const int64_t b1 = std::max<int64_t>(b0 + 1, (last - offsets) - 1);
-    const int64_t p0 = offsets[b0], np = offsets[b1] - p0;
-    // unique ids of the span, in id order, then stably by big-core digit
+  // The rows of positions [p0, p0 + np): unique ids in id order, then stably by big digit.
+  auto compute_rows = [&](int64_t p0, int64_t np) {
     const std::vector<std::pair<int64_t, int64_t>> order = sorted_id_positions(ids + p0, np);
     row_of.resize(np);
     by_id.clear();
@@ -670,27 +669,49 @@ void forward_kernel(
           L, mm, core_ptrs.data(), keys.data() + t0, t1 - t0, s, [&](int64_t u) { return rows.data() + u * D; },
           [](int64_t) {});
     });
-    at::parallel_for(b0, b1, bag_grain(b1 - b0, np), [&](int64_t c0, int64_t c1) {
-      std::vector<acc_t> acc(D);
-      for (int64_t b = c0; b < c1; ++b) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        const int64_t start = offsets[b], end = offsets[b + 1];
-        const acc_t inv_len = (mean && end > start) ? acc_t(1) / static_cast<acc_t>(end - start) : acc_t(1);
-        for (int64_t i = start; i < end; ++i) {
-          if (i + kPoolPrefetch < offsets[b1]) prefetch_row(rows.data() + row_of[i + kPoolPrefetch - p0] * D, D);
-          const acc_t* TT_RESTRICT row = rows.data() + row_of[i - p0] * D;
-          if (weights == nullptr && !mean) {
-            for (int64_t j = 0; j < D; ++j) acc[j] += row[j];
-          } else {
-            acc_t scale = weights ? weights[i] : acc_t(1);
-            if (mean) scale = weights ? scale * inv_len : inv_len;
-            for (int64_t j = 0; j < D; ++j) acc[j] += scale * row[j];
-          }
-        }
-        scalar_t* o = out + b * D;
-        for (int64_t j = 0; j < D; ++j) o[j] = static_cast<scalar_t>(acc[j]);
+  };
+  // acc += the rows of bag b's positions [i0, i1), all within the computed [p0, p1).
+  auto pool = [&](acc_t* TT_RESTRICT acc, int64_t b, int64_t i0, int64_t i1, int64_t p0, int64_t p1) {
+    const int64_t start = offsets[b], end = offsets[b + 1];
+    const acc_t inv_len = (mean && end > start) ? acc_t(1) / static_cast<acc_t>(end - start) : acc_t(1);
+    for (int64_t i = i0; i < i1; ++i) {
+      if (i + kPoolPrefetch < p1) prefetch_row(rows.data() + row_of[i + kPoolPrefetch - p0] * D, D);
+      const acc_t* TT_RESTRICT row = rows.data() + row_of[i - p0] * D;
+      if (weights == nullptr && !mean) {
+        for (int64_t j = 0; j < D; ++j) acc[j] += row[j];
+      } else {
+        acc_t scale = weights ? weights[i] : acc_t(1);
+        if (mean) scale = weights ? scale * inv_len : inv_len;
+        for (int64_t j = 0; j < D; ++j) acc[j] += scale * row[j];
       }
-    });
+    }
+  };
+  auto store = [&](const acc_t* acc, int64_t b) {
+    for (int64_t j = 0; j < D; ++j) out[b * D + j] = static_cast<scalar_t>(acc[j]);
+  };
+  for (int64_t b0 = 0; b0 < num_bags;) {
+    const int64_t* last = std::upper_bound(offsets + b0 + 1, offsets + num_bags + 1, offsets[b0] + span);
+    const int64_t b1 = std::max<int64_t>(b0 + 1, (last - offsets) - 1);
+    const int64_t p0 = offsets[b0], p1 = offsets[b1];
+    if (p1 - p0 > span) {  // one bag longer than a span: its positions a span at a time, in order
+      std::vector<acc_t> acc(D, acc_t(0));
+      for (int64_t q0 = p0; q0 < p1; q0 += span) {
+        const int64_t q1 = std::min(p1, q0 + span);
+        compute_rows(q0, q1 - q0);
+        pool(acc.data(), b0, q0, q1, q0, q1);
+      }
+      store(acc.data(), b0);
+    } else {
+      compute_rows(p0, p1 - p0);
+      at::parallel_for(b0, b1, bag_grain(b1 - b0, p1 - p0), [&](int64_t c0, int64_t c1) {
+        std::vector<acc_t> acc(D);
+        for (int64_t b = c0; b < c1; ++b) {
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          pool(acc.data(), b, offsets[b], offsets[b + 1], p0, p1);
+          store(acc.data(), b);
+        }
+      });
+    }
     b0 = b1;
   }
 }
