@@ -174,7 +174,7 @@ def test_forward_backward_lookup_match_oracle(shape, mode, weighted):
 
 @needs_cpp
 @pytest.mark.parametrize("mode", [0, 1], ids=["sum", "mean"])
-def test_forward_over_several_spans_matches_oracle(mode):
+def test_forward_and_lookup_over_several_spans_match_oracle(mode):
     # The forward takes whole bags in spans of ~64 MiB of rows: 1024 positions of D = 8192 in
     # float64. Three spans: four bags (the last one empty), one bag longer than a span (pooled
     # a span of its positions at a time), then the rest; every span sorts and deduplicates its
@@ -184,8 +184,9 @@ def test_forward_over_several_spans_matches_oracle(mode):
     ids, offs = make_bags(n, lengths=[0, 300, 700, 0, 1500, 200, 0, 400, 0])
     psw = torch.rand(ids.numel(), dtype=torch.float64) if mode == 1 else None
     args = (ids, offs, psw, p, q, ranks, n, mode)
-    want = oracle_pool(dense_table(cores, p, q, ranks, n), ids, offs, psw, mode)
-    close(tt.tt_embedding_bag_forward(cores, *args), want, torch.float64)
+    weight = dense_table(cores, p, q, ranks, n)
+    close(tt.tt_embedding_bag_forward(cores, *args), oracle_pool(weight, ids, offs, psw, mode), torch.float64)
+    close(tt.tt_lookup_rows(cores, ids, p, q, ranks, n), weight[ids], torch.float64)  # 4 spans of positions
 
 
 @needs_cpp
@@ -237,8 +238,8 @@ def test_backward_over_several_chunks_and_few_ids_matches_oracle():
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rows_reused_within_a_block_are_bitwise_the_rows_alone(dtype):
-    # Duplicates and ids of one prefix (i_0, i_1) share work in a block of the forward and of
+def test_rows_reused_within_a_span_are_bitwise_the_rows_alone(dtype):
+    # Duplicates and ids of one prefix (i_0, i_1) share work in a span of the forward and of
     # tt_lookup_rows; each row must still be bitwise the row computed alone.
     p, q, ranks, n = [6, 5, 40], [4, 4, 4], [1, 8, 8, 1], 1200
     cores = make_cores(p, q, ranks, dtype)

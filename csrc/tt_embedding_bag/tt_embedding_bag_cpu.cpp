@@ -25,7 +25,6 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
-#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -532,76 +531,6 @@ std::vector<std::pair<int64_t, int64_t>> sorted_id_positions(const int64_t* ids,
   return order;
 }
 
-// tt_lookup_rows takes its ids in blocks of positions whose rows fit ~256 KiB; inside a
-// block the rows are computed in the order of their big-core digit, so that ids sharing
-// the largest slice run back to back while it is in cache (the lookup is bound by fetching
-// slices otherwise). Rows are exact whatever the order, so results depend neither on the
-// blocking nor on the thread count.
-int64_t block_positions(const TTLayout& L, int64_t acc_size) {
-  return std::max<int64_t>(16, (int64_t{256} << 10) / std::max<int64_t>(1, L.D * acc_size));
-}
-
-// A position j of a block and the order it is computed in: (big-core digit, id, j).
-struct BlockKey {
-  int64_t big, id, j;
-  bool operator<(const BlockKey& o) const {
-    return std::tie(big, id, j) < std::tie(o.big, o.id, o.j);
-  }
-};
-
-// Orders positions [p0, p0 + n) of ids by (big-core digit, id, position): ids sharing the
-// largest slice run back to back, and so do duplicates and the ids of one prefix.
-void sort_block(const TTLayout& L, const int64_t* ids, int64_t p0, int64_t n, std::vector<BlockKey>& keys) {
-  keys.resize(n);
-  for (int64_t j = 0; j < n; ++j) keys[j] = {L.big_digit(ids[p0 + j]), ids[p0 + j], j};
-  std::sort(keys.begin(), keys.end());
-}
-
-// The rows of one sorted block: for each key, dest(j) is where its row goes, then
-// done(j) is called. A duplicate of the previous id gets its row again; an id with the
-// previous one's prefix (i_0 .. i_{d-2}) reuses its prefix product. The same products in
-// the same order as tt_row for each row, so the same bits.
-template <typename scalar_t, typename acc_t, typename Dest, typename Done>
-void block_rows(
-    const TTLayout& L,
-    MmFn<acc_t> mm,
-    const scalar_t* const* cores,
-    const BlockKey* keys,
-    int64_t nkeys,
-    RowScratch<scalar_t, acc_t>& s,
-    const Dest& dest,
-    const Done& done) {
-  const int64_t d = L.d;
-  std::vector<int64_t> prefix(std::max<int64_t>(d - 1, 1), -1);
-  const acc_t* P = nullptr;
-  const acc_t* prev = nullptr;
-  int64_t prev_id = -1;
-  for (const BlockKey& key : c10::ArrayRef<BlockKey>(keys, nkeys)) {
-    acc_t* row = dest(key.j);
-    if (key.id == prev_id) {
-      if (row != prev) std::memcpy(row, prev, sizeof(acc_t) * L.D);
-    } else if (d == 1) {
-      s.load(L, cores, key.id);
-      std::memcpy(row, s.A[0], sizeof(acc_t) * L.D);
-    } else {
-      row_digits(key.id, L.p.data(), d, s.digit.data());
-      const bool same = P != nullptr && std::equal(prefix.begin(), prefix.end(), s.digit.begin());
-      if (!same) {
-        for (int64_t k = 0; k < d - 1; ++k) {
-          s.A[k] = load_slice(cores[k], s.digit[k], L.S[k], s.conv.data() + L.S_off[k]);
-          prefix[k] = s.digit[k];
-        }
-        P = tt_prefix(L, mm, s.A.data(), s.buf0.data(), s.buf1.data());
-      }
-      const acc_t* A_last = load_slice(cores[d - 1], s.digit[d - 1], L.S[d - 1], s.conv.data() + L.S_off[d - 1]);
-      tt_row_of_prefix(L, mm, P, A_last, row);
-    }
-    prev = row;
-    prev_id = key.id;
-    done(key.j);
-  }
-}
-
 // The rows a bag pools are scattered over the span's row buffer (tens of MB): each is
 // fetched from memory kPoolPrefetch positions ahead of its use.
 constexpr int64_t kPoolPrefetch = 4;
@@ -610,19 +539,76 @@ void prefetch_row(const T* row, int64_t n) {
   for (int64_t x = 0; x < n; x += 64 / static_cast<int64_t>(sizeof(T))) __builtin_prefetch(row + x);
 }
 
-// Positions per span of the forward: whole bags whose rows fit ~64 MiB (a longer bag is taken
-// a span of its positions at a time).
+// Positions per span of the forward and of tt_lookup_rows: rows of ~64 MiB (the forward
+// takes whole bags; a longer bag is taken a span of its positions at a time).
 int64_t span_positions(const TTLayout& L, int64_t acc_size) {
   return std::max<int64_t>(1024, (int64_t{64} << 20) / std::max<int64_t>(1, L.D * acc_size));
 }
 
-// The forward, a span of bags at a time (memory: the rows of one span): the span's
-// positions are sorted by id, the row of each unique id is computed once, in (big-core
-// digit, id) order (block_rows: ids of one prefix come together and share its prefix
-// product; the largest slice stays in cache), then every bag pools its rows in position
-// order. Rows are exact whatever the order and the task split, and pooling follows the
-// positions: results depend neither on the spans nor on the thread count (and are those
-// of the row-by-row computation).
+// The rows of a span of positions, each unique id's computed once: the span's positions are
+// sorted by id, the unique ids ordered by (big-core digit, id) and computed in that order by
+// parallel tasks, so that ids sharing the largest slice run back to back while it is in
+// cache, and an id with the previous one's prefix (i_0 .. i_{d-2}) reuses its prefix
+// product. Each row is the same products in the same order as tt_row, so the same bits
+// whatever the order and the task split. row(i) is the row of the span's position i.
+// Buffers are kept from one span to the next.
+template <typename scalar_t>
+struct SpanRows {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> rows;      // [unique ids][D]
+  std::vector<int64_t> row_of;  // span position -> unique id index
+  std::vector<int64_t> by_id, u_idx, by_big;  // unique ids in id order; their indices; by big digit
+  int64_t D = 0;
+
+  void compute(const TTLayout& L, MmFn<acc_t> mm, const scalar_t* const* cores, const int64_t* ids, int64_t np) {
+    D = L.D;
+    const std::vector<std::pair<int64_t, int64_t>> order = sorted_id_positions(ids, np);
+    row_of.resize(np);
+    by_id.clear();
+    for (int64_t e = 0; e < np; ++e) {
+      if (e == 0 || order[e].first != order[e - 1].first) by_id.push_back(order[e].first);
+      row_of[order[e].second] = static_cast<int64_t>(by_id.size()) - 1;
+    }
+    const int64_t nu = static_cast<int64_t>(by_id.size());
+    u_idx.resize(nu);
+    for (int64_t u = 0; u < nu; ++u) u_idx[u] = u;
+    by_big.resize(nu);
+    counting_sort(u_idx.data(), nu, L.p[L.kb], [&](int64_t u) { return L.big_digit(by_id[u]); }, by_big.data());
+    rows.resize(nu * D);
+    at::parallel_for(0, nu, 256, [&](int64_t t0, int64_t t1) {
+      RowScratch<scalar_t, acc_t> s(L);
+      std::vector<int64_t> prefix(std::max<int64_t>(L.d - 1, 1), -1);
+      const acc_t* P = nullptr;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t u = by_big[t], id = by_id[u];
+        acc_t* row = rows.data() + u * D;
+        if (L.d == 1) {
+          s.load(L, cores, id);
+          std::memcpy(row, s.A[0], sizeof(acc_t) * D);
+          continue;
+        }
+        row_digits(id, L.p.data(), L.d, s.digit.data());
+        if (P == nullptr || !std::equal(prefix.begin(), prefix.end(), s.digit.begin())) {
+          for (int64_t k = 0; k < L.d - 1; ++k) {
+            s.A[k] = load_slice(cores[k], s.digit[k], L.S[k], s.conv.data() + L.S_off[k]);
+            prefix[k] = s.digit[k];
+          }
+          P = tt_prefix(L, mm, s.A.data(), s.buf0.data(), s.buf1.data());
+        }
+        const int64_t kl = L.d - 1;
+        tt_row_of_prefix(L, mm, P, load_slice(cores[kl], s.digit[kl], L.S[kl], s.conv.data() + L.S_off[kl]), row);
+      }
+    });
+  }
+
+  const acc_t* row(int64_t i) const {
+    return rows.data() + row_of[i] * D;
+  }
+};
+
+// The forward, a span of bags at a time (memory: the rows of one span): each unique id's
+// row once (SpanRows), then every bag pools its rows in position order. Results depend
+// neither on the spans nor on the thread count (and are those of the row-by-row computation).
 template <typename scalar_t>
 void forward_kernel(
     const TTLayout& L,
@@ -639,44 +625,15 @@ void forward_kernel(
   const MmFn<acc_t> mm = pick_mm<acc_t>();
   const int64_t D = L.D;
   const int64_t span = span_positions(L, sizeof(acc_t));
-  std::vector<acc_t> rows;
-  std::vector<int64_t> row_of;  // position - p0 -> row of its id in `rows`
-  std::vector<int64_t> by_id, u_idx, by_big;  // unique ids in id order; their indices, by big digit
-  std::vector<BlockKey> keys;
-  // The rows of positions [p0, p0 + np): unique ids in id order, then stably by big digit.
-  auto compute_rows = [&](int64_t p0, int64_t np) {
-    const std::vector<std::pair<int64_t, int64_t>> order = sorted_id_positions(ids + p0, np);
-    row_of.resize(np);
-    by_id.clear();
-    for (int64_t e = 0; e < np; ++e) {
-      if (e == 0 || order[e].first != order[e - 1].first) by_id.push_back(order[e].first);
-      row_of[order[e].second] = static_cast<int64_t>(by_id.size()) - 1;
-    }
-    const int64_t nu = static_cast<int64_t>(by_id.size());
-    u_idx.resize(nu);
-    for (int64_t u = 0; u < nu; ++u) u_idx[u] = u;
-    by_big.resize(nu);
-    counting_sort(u_idx.data(), nu, L.p[L.kb], [&](int64_t u) { return L.big_digit(by_id[u]); }, by_big.data());
-    keys.resize(nu);
-    for (int64_t t = 0; t < nu; ++t) {
-      const int64_t u = by_big[t];
-      keys[t] = {L.big_digit(by_id[u]), by_id[u], u};
-    }
-    rows.resize(nu * D);
-    at::parallel_for(0, nu, 256, [&](int64_t t0, int64_t t1) {
-      RowScratch<scalar_t, acc_t> s(L);
-      block_rows(
-          L, mm, core_ptrs.data(), keys.data() + t0, t1 - t0, s, [&](int64_t u) { return rows.data() + u * D; },
-          [](int64_t) {});
-    });
-  };
+  SpanRows<scalar_t> sr;
+  auto compute_rows = [&](int64_t p0, int64_t np) { sr.compute(L, mm, core_ptrs.data(), ids + p0, np); };
   // acc += the rows of bag b's positions [i0, i1), all within the computed [p0, p1).
   auto pool = [&](acc_t* TT_RESTRICT acc, int64_t b, int64_t i0, int64_t i1, int64_t p0, int64_t p1) {
     const int64_t start = offsets[b], end = offsets[b + 1];
     const acc_t inv_len = (mean && end > start) ? acc_t(1) / static_cast<acc_t>(end - start) : acc_t(1);
     for (int64_t i = i0; i < i1; ++i) {
-      if (i + kPoolPrefetch < p1) prefetch_row(rows.data() + row_of[i + kPoolPrefetch - p0] * D, D);
-      const acc_t* TT_RESTRICT row = rows.data() + row_of[i - p0] * D;
+      if (i + kPoolPrefetch < p1) prefetch_row(sr.row(i + kPoolPrefetch - p0), D);
+      const acc_t* TT_RESTRICT row = sr.row(i - p0);
       if (weights == nullptr && !mean) {
         for (int64_t j = 0; j < D; ++j) acc[j] += row[j];
       } else {
@@ -771,27 +728,19 @@ at::Tensor tt_lookup_rows_cpu(
     const MmFn<acc_t> mm = pick_mm<acc_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const int64_t D = L.D;
-    const int64_t block = block_positions(L, sizeof(acc_t));
-    at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
-      RowScratch<scalar_t, acc_t> s(L);
-      std::vector<BlockKey> keys;
-      for (int64_t p0 = i0; p0 < i1; p0 += block) {
-        sort_block(L, ids, p0, std::min(block, i1 - p0), keys);
-        auto dest = [&](int64_t j) -> acc_t* {
-          if constexpr (std::is_same_v<scalar_t, acc_t>) {
-            return reinterpret_cast<acc_t*>(o + (p0 + j) * D);
-          } else {
-            return s.row.data();
-          }
-        };
-        auto done = [&](int64_t j) {
-          if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-            for (int64_t c = 0; c < D; ++c) o[(p0 + j) * D + c] = static_cast<scalar_t>(s.row[c]);
-          }
-        };
-        block_rows(L, mm, core_ptrs.data(), keys.data(), static_cast<int64_t>(keys.size()), s, dest, done);
-      }
-    });
+    const int64_t span = span_positions(L, sizeof(acc_t));
+    SpanRows<scalar_t> sr;
+    for (int64_t p0 = 0; p0 < n; p0 += span) {
+      const int64_t p1 = std::min(n, p0 + span);
+      sr.compute(L, mm, core_ptrs.data(), ids + p0, p1 - p0);
+      at::parallel_for(p0, p1, 256, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          if (i + kPoolPrefetch < p1) prefetch_row(sr.row(i + kPoolPrefetch - p0), D);
+          const acc_t* TT_RESTRICT row = sr.row(i - p0);
+          for (int64_t c = 0; c < D; ++c) o[i * D + c] = static_cast<scalar_t>(row[c]);
+        }
+      });
+    }
   });
   return out;
 }
