@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -305,10 +306,9 @@ template <typename scalar_t, typename acc_t>
 struct RowScratch {
   std::vector<int64_t> digit;
   std::vector<const acc_t*> A;
-  std::vector<acc_t> conv, buf0, buf1, row;
+  std::vector<acc_t> conv, buf0, buf1;
 
-  explicit RowScratch(const TTLayout& L)
-      : digit(L.d), A(L.d), buf0(L.max_chain), buf1(L.max_chain), row(L.D) {
+  explicit RowScratch(const TTLayout& L) : digit(L.d), A(L.d), buf0(L.max_chain), buf1(L.max_chain) {
     if constexpr (!std::is_same_v<scalar_t, acc_t>) conv.resize(L.sum_S);
   }
 
@@ -375,11 +375,11 @@ struct GradScratch {
         g(L.D) {}
 };
 
-// dst (cols x rows) = src (rows x cols)^T.
-template <typename acc_t>
-TT_INLINE void transpose(const acc_t* TT_RESTRICT src, int64_t rows, int64_t cols, acc_t* TT_RESTRICT dst) {
+// dst (cols x rows) = src (rows x cols)^T, converted to dst's type.
+template <typename src_t, typename dst_t>
+TT_INLINE void transpose(const src_t* TT_RESTRICT src, int64_t rows, int64_t cols, dst_t* TT_RESTRICT dst) {
   for (int64_t j = 0; j < cols; ++j)
-    for (int64_t i = 0; i < rows; ++i) dst[j * rows + i] = src[i * cols + j];
+    for (int64_t i = 0; i < rows; ++i) dst[j * rows + i] = static_cast<dst_t>(src[i * cols + j]);
 }
 
 // bt[j][b][a] = A[a][j][b] for a slice A (r_k, q_k, r_{k+1}) of core k.
@@ -514,6 +514,15 @@ void counting_sort(const int64_t* in, int64_t n, int64_t bins, const Key& key, i
   for (int64_t i = 0; i < n; ++i) out[start[key(in[i])]++] = in[i];
 }
 
+// The permutation that orders 0 .. n-1 stably by key(i) in [0, bins).
+template <typename Key>
+std::vector<int64_t> stable_order(int64_t n, int64_t bins, const Key& key) {
+  std::vector<int64_t> identity(n), out(n);
+  std::iota(identity.begin(), identity.end(), int64_t{0});
+  counting_sort(identity.data(), n, bins, key, out.data());
+  return out;
+}
+
 // (id, position) of every position, in (id, position) order: a stable LSD radix sort of
 // the positions by id, 8 bits a pass over the bits the largest id needs (3 passes for
 // 11M rows; std::sort of the pairs took ~5.5 ms of a one-thread backward at 82k ids).
@@ -521,7 +530,7 @@ std::vector<std::pair<int64_t, int64_t>> sorted_id_positions(const int64_t* ids,
   int64_t max_id = 0;
   for (int64_t i = 0; i < nnz; ++i) max_id = std::max(max_id, ids[i]);
   std::vector<int64_t> pos(nnz), tmp(nnz);
-  for (int64_t i = 0; i < nnz; ++i) pos[i] = i;
+  std::iota(pos.begin(), pos.end(), int64_t{0});
   for (int shift = 0; shift < 64 && (max_id >> shift) != 0; shift += 8) {
     counting_sort(pos.data(), nnz, 256, [&](int64_t i) { return (ids[i] >> shift) & 0xff; }, tmp.data());
     pos.swap(tmp);
@@ -557,7 +566,7 @@ struct SpanRows {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<acc_t> rows;      // [unique ids][D]
   std::vector<int64_t> row_of;  // span position -> unique id index
-  std::vector<int64_t> by_id, u_idx, by_big;  // unique ids in id order; their indices; by big digit
+  std::vector<int64_t> by_id, by_big;  // unique ids in id order; their indices by (big digit, id)
   int64_t D = 0;
 
   void compute(const TTLayout& L, MmFn<acc_t> mm, const scalar_t* const* cores, const int64_t* ids, int64_t np) {
@@ -570,10 +579,7 @@ struct SpanRows {
       row_of[order[e].second] = static_cast<int64_t>(by_id.size()) - 1;
     }
     const int64_t nu = static_cast<int64_t>(by_id.size());
-    u_idx.resize(nu);
-    for (int64_t u = 0; u < nu; ++u) u_idx[u] = u;
-    by_big.resize(nu);
-    counting_sort(u_idx.data(), nu, L.p[L.kb], [&](int64_t u) { return L.big_digit(by_id[u]); }, by_big.data());
+    by_big = stable_order(nu, L.p[L.kb], [&](int64_t u) { return L.big_digit(by_id[u]); });
     rows.resize(nu * D);
     at::parallel_for(0, nu, 256, [&](int64_t t0, int64_t t1) {
       RowScratch<scalar_t, acc_t> s(L);
@@ -934,9 +940,7 @@ void core_grads_kernel(
   // Unique ids ordered by (digit of the big core, id): stable counting sort.
   const int64_t kb = L.kb;
   const int64_t S_kb = L.S[kb];
-  std::vector<int64_t> perm(n), uids(n);
-  for (int64_t u = 0; u < n; ++u) uids[u] = u;
-  counting_sort(uids.data(), n, L.p[kb], [&](int64_t u) { return udig[u * d + kb]; }, perm.data());
+  const std::vector<int64_t> perm = stable_order(n, L.p[kb], [&](int64_t u) { return udig[u * d + kb]; });
 
   // Chunk buffer for the other cores' slices: ~4 MiB, a size fixed by the shape and the number
   // of unique ids (never by the thread count). At the seed shapes a chunk holds ~11 runs of the
@@ -965,14 +969,9 @@ void core_grads_kernel(
   const int64_t kl = d - 1;
   if (use_items && L.p[kl] * L.S[kl] <= (int64_t{1} << 22) && n >= L.p[kl]) {
     last_t.resize(L.p[kl] * L.S[kl]);
-    const int64_t rl = L.r[kl], ql = L.q[kl];
     at::parallel_for(0, L.p[kl], 64, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const scalar_t* src = core_ptrs[kl] + i * L.S[kl];
-        acc_t* dst = last_t.data() + i * L.S[kl];
-        for (int64_t j = 0; j < ql; ++j)
-          for (int64_t b = 0; b < rl; ++b) dst[j * rl + b] = static_cast<acc_t>(src[b * ql + j]);
-      }
+      for (int64_t i = i0; i < i1; ++i)
+        transpose(core_ptrs[kl] + i * L.S[kl], L.r[kl], L.q[kl], last_t.data() + i * L.S[kl]);
     });
   }
   std::vector<int64_t> runs;
