@@ -28,7 +28,7 @@ GROUPS: list[tuple[str, re.Pattern[str]]] = [
     ("T^T dT sums", re.compile(r"tt_reduce_kernel<[^,<>]+, [^,<>]+, [12]\b")),
     ("plain sums", re.compile(r"tt_reduce_kernel<")),
     ("tail", re.compile(r"tt_reduce_tail_kernel")),
-    ("sorts and scans", re.compile(r"cub::|tt_digit_\w+_kernel")),
+    ("sorts and scans", re.compile(r"cub::|tt_digit_\w+_kernel|tt_sort_index_kernel")),
     ("pooling", re.compile(r"tt_pool_kernel")),
     ("other", re.compile(r"")),
 ]

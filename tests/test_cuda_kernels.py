@@ -266,6 +266,33 @@ def test_backward_digit_sort_passes(shape):
     _check_backward(_grad_case(shape, ids=ids, offsets=offsets))
 
 
+# Step 2's sort of (key, position) in one cooperative launch covers batches of up to 64
+# tiles of 2048 ids (tt_cuda_grid_sort.cuh); larger ones take cub's sort. Sizes at the tile
+# edges and on both sides of the limit, keys of 6, 17 and 25 bits (1, 3 and 4 passes).
+SORT_SHAPES = [
+    ([37], [6], [1, 1], 30),
+    ([40, 50, 60], [2, 2, 2], [1, 2, 3, 1], 120_000),
+    ([300, 300, 300], [2, 2, 2], [1, 2, 2, 1], 27_000_000),
+]
+
+
+@pytest.mark.parametrize("nnz", [1, 2047, 2048, 2049, 64 * 2048, 64 * 2048 + 1])
+@pytest.mark.parametrize("shape", SORT_SHAPES, ids=lambda s: f"p{s[0]}")
+def test_sort_sizes_around_tiles(shape, nnz):
+    p, q, ranks, n = shape
+    # skewed (runs of equal keys across tiles) over the whole key range
+    ids = zipf_ids(min(n, 50_000), nnz) * (n // min(n, 50_000)) if nnz > 4096 else torch.randint(0, n, (nnz,))
+    offsets = torch.tensor([0, *sorted(torch.randint(0, nnz + 1, (30,)).tolist()), nnz])
+    case = _grad_case(shape, ids=ids, offsets=offsets)
+    cores, w = case[4], case[7]
+    ref = reference.tt_embedding_bag_forward(cores, ids, offsets, w, p, q, ranks, n, 0)
+    out = tt.tt_embedding_bag_forward(
+        to_dev(cores, torch.float64), ids.to(DEV), offsets.to(DEV), w.to(DEV), p, q, ranks, n, 0
+    )
+    assert rel_err(out, ref) < tol(torch.float64)
+    _check_backward(case, dtypes=(torch.float64,))
+
+
 @pytest.mark.parametrize("dist", ["uniform", "zipf"])
 @pytest.mark.parametrize("mode", [0, 1])
 def test_forward_many_rows_per_item(dist, mode):
@@ -459,7 +486,9 @@ def test_module_backward_reuses_the_forward_sort(shape):
         table(ids, offsets[:-1]).backward(g)
         torch.cuda.synchronize()
     assert _kernel_launches(prof, "tt_prep_kernel") == 1
-    assert _kernel_launches(prof, "tt_index_kernel") == 1
+    # steps 2-3: one launch (tt_sort_index_kernel) for batches of up to 64 tiles, else cub's sort,
+    # the flags and index kernels
+    assert _kernel_launches(prof, "tt_index_kernel") + _kernel_launches(prof, "tt_sort_index_kernel") == 1
     tt.tt_embedding_bag_backward_fused_(
         g, cores, state, ids.clone(), offsets.clone(), None, p, q, ranks, n, 0, 1, table.learning_rate, table.eps
     )
@@ -484,6 +513,52 @@ def test_fast_kernels_other_mma_modes(mma):
     )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert " passed" in res.stdout, res.stdout[-2000:]
+
+
+# --------------------------------------------------------------------------- cub's sort for every batch
+def test_cub_sort_path():
+    # TORCHREC_TT_CUDA_GRID_SORT=0 (read once per process): every batch takes cub's sort,
+    # the flags kernel, cub's scan and the index kernel (the path of batches past 64 tiles).
+    env = dict(os.environ, TORCHREC_TT_CUDA_GRID_SORT="0", PYTHONUNBUFFERED="1")
+    select = "(matches_reference or long_runs or sort_sizes or fused or graph or reuses) and not mma and not cub_sort"
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", select],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout, res.stdout[-2000:]
+
+
+def test_grid_sort_and_cub_sort_give_the_same_bits(tmp_path):
+    # Both sorts are stable, so the batch (ties in input order) and every sum are the same.
+    p, q, ranks, n = SHAPES[4]
+    ids, offsets = _skewed_bags(n, 30_000, 700, "zipf")
+    cores = make_cores(p, q, ranks, dtype=torch.float32)
+    w = torch.rand(ids.numel()) + 0.5
+    g = torch.randn(offsets.numel() - 1, math.prod(q))
+    torch.save({"cores": cores, "ids": ids, "offsets": offsets, "w": w, "g": g}, tmp_path / "case.pt")
+    code = textwrap.dedent(
+        f"""
+        import torch, torchrec_tt
+        c = torch.load({str(tmp_path / "case.pt")!r})
+        args = ([x.cuda() for x in c["cores"]], c["ids"].cuda(), c["offsets"].cuda(), c["w"].cuda())
+        shape = ({p!r}, {q!r}, {ranks!r}, {n!r}, 1)
+        out = torch.ops.torchrec_tt.tt_embedding_bag_forward(*args, *shape)
+        grads = torch.ops.torchrec_tt.tt_embedding_bag_backward(c["g"].cuda(), *args, *shape)
+        torch.save([out.cpu(), *[x.cpu() for x in grads]], {str(tmp_path / "out.pt")!r})
+        """
+    )
+    env = dict(os.environ, TORCHREC_TT_CUDA_GRID_SORT="0", PYTHONUNBUFFERED="1")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    args = (to_dev(cores, torch.float32), ids.to(DEV), offsets.to(DEV), w.to(DEV))
+    out = tt.tt_embedding_bag_forward(*args, p, q, ranks, n, 1)
+    grads = tt.tt_embedding_bag_backward(g.to(DEV), *args, p, q, ranks, n, 1)
+    for a, b in zip([out, *grads], torch.load(tmp_path / "out.pt"), strict=True):
+        assert torch.equal(a.cpu(), b)
 
 
 # --------------------------------------------------------------------------- device-side validation

@@ -72,6 +72,7 @@
 #include "tt_cuda_common.cuh"
 #include "tt_cuda_digit_sort.cuh"
 #include "tt_cuda_fast.cuh"
+#include "tt_cuda_grid_sort.cuh"
 #include "tt_cuda_update.cuh"
 
 namespace torchrec_tt {
@@ -110,16 +111,15 @@ enum BatchCount : int {
 
 // ------------------------------------------------------------------ kernels
 
-// Item and unique-row heads of sorted position i. Keys >= hit_base are cache hits
-// (hit_base + slot, sorted after every TT key): they start no item, and their unique
-// rows (runs of one slot, split every kItemChunk positions) follow the TT ones.
-__device__ __forceinline__ void heads_at(
-    const uint64_t* __restrict__ skeys, int64_t i, uint64_t pl, uint64_t hit_base, bool& item_head, bool& urow_head) {
-  const uint64_t key = skeys[i];
+// Item and unique-row heads of sorted position i (key; prev: the key at i - 1, unread
+// at i = 0). Keys >= hit_base are cache hits (hit_base + slot, sorted after every TT
+// key): they start no item, and their unique rows (runs of one slot, split every
+// kItemChunk positions) follow the TT ones.
+__device__ __forceinline__ void heads_of(
+    int64_t i, uint64_t key, uint64_t prev, uint64_t pl, uint64_t hit_base, bool& item_head, bool& urow_head) {
   item_head = (i == 0) || (i % kItemChunk == 0);
   urow_head = item_head;
   if (i > 0) {
-    const uint64_t prev = skeys[i - 1];
     item_head = item_head || (prev / pl != key / pl);
     urow_head = item_head || prev != key;
   }
@@ -198,23 +198,32 @@ __global__ void tt_prep_kernel(
   }
 }
 
+// The counts the index step may leave unwritten (no TT id, no hit) or accumulates.
+__device__ __forceinline__ void zero_counts(int32_t* counts) {
+  counts[kItems] = 0;
+  counts[kTTRows] = 0;
+  counts[kHitRows] = 0;
+  counts[kMissIds] = 0;
+  counts[kHits] = 0;
+  counts[kCrossRuns] = 0;
+  counts[kCrossRunsFused] = 0;
+}
+
+// Item and unique-row heads of sorted position i, packed as the index step scans them:
+// (item head << 32) | unique-row head.
+__device__ __forceinline__ int64_t head_flags(int64_t i, uint64_t key, uint64_t prev, uint64_t pl, uint64_t hit_base) {
+  bool ih, uh;
+  heads_of(i, key, prev, pl, hit_base, ih, uh);
+  return (static_cast<int64_t>(ih) << 32) | static_cast<int64_t>(uh);
+}
+
 __global__ void tt_flags_kernel(
     const uint64_t* __restrict__ skeys, int64_t nnz, uint64_t pl, uint64_t hit_base, int64_t* __restrict__ flags,
     int32_t* __restrict__ counts) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i == 0) {  // the counts the index kernel may leave unwritten (no TT id, no hit) or accumulates
-    counts[kItems] = 0;
-    counts[kTTRows] = 0;
-    counts[kHitRows] = 0;
-    counts[kMissIds] = 0;
-    counts[kHits] = 0;
-    counts[kCrossRuns] = 0;
-    counts[kCrossRunsFused] = 0;
-  }
+  if (i == 0) zero_counts(counts);
   if (i >= nnz) return;
-  bool ih, uh;
-  heads_at(skeys, i, pl, hit_base, ih, uh);
-  flags[i] = (static_cast<int64_t>(ih) << 32) | static_cast<int64_t>(uh);
+  flags[i] = head_flags(i, skeys[i], i > 0 ? skeys[i - 1] : 0, pl, hit_base);
 }
 
 template <typename acc_t>
@@ -228,7 +237,7 @@ struct IndexArgs {
   int32_t* item_start;  // [max_items + 1]
   int32_t* item_urow;   // [max_items + 1]
   int32_t* urow_start;  // [max_urows + 1]
-  int32_t* counts;      // [kNumCounts], partly zeroed by tt_flags_kernel
+  int32_t* counts;      // [kNumCounts], partly zeroed by zero_counts
   int32_t* posmap;      // [nnz] input position -> urow (or null)
   // backward: bag and scale of every sorted position (or null)
   const int32_t* bag_of;  // bag of every input position
@@ -244,16 +253,16 @@ struct IndexArgs {
   int32_t* urow_dig;
 };
 
+// The index step at sorted position i < nnz: key = skeys[i], prev / next the keys at
+// i - 1 / i + 1 (unread past the ends), l = svals[i] (its input position), sc the
+// inclusive scan of head_flags at i.
 template <typename acc_t>
-__global__ void tt_index_kernel(const IndexArgs<acc_t> a) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= a.nnz) return;
+__device__ __forceinline__ void index_position(
+    const IndexArgs<acc_t>& a, int64_t i, uint64_t key, uint64_t prev, uint64_t next, int32_t l, int64_t sc) {
   bool ih, uh;
-  heads_at(a.skeys, i, a.pl, a.hit_base, ih, uh);
-  const int64_t sc = a.scan[i];
+  heads_of(i, key, prev, a.pl, a.hit_base, ih, uh);
   const int32_t item = static_cast<int32_t>(sc >> 32) - 1;
   const int32_t urow = static_cast<int32_t>(sc & 0xffffffffLL) - 1;
-  const uint64_t key = a.skeys[i];
   const bool hit = key >= a.hit_base;
   if (ih) {
     a.item_start[item] = static_cast<int32_t>(i);
@@ -265,7 +274,7 @@ __global__ void tt_index_kernel(const IndexArgs<acc_t> a) {
     a.urow_start[urow] = static_cast<int32_t>(i);
     a.urow_dig[urow] = static_cast<int32_t>(hit ? key - a.hit_base : key % a.pl);  // cache slot of a hit
   }
-  const bool next_hit = i + 1 < a.nnz && a.skeys[i + 1] >= a.hit_base;
+  const bool next_hit = i + 1 < a.nnz && next >= a.hit_base;
   if (!hit && (i == a.nnz - 1 || next_hit)) {  // the last TT position ends the TT items and rows
     a.counts[kItems] = item + 1;
     a.counts[kTTRows] = urow + 1;
@@ -273,7 +282,7 @@ __global__ void tt_index_kernel(const IndexArgs<acc_t> a) {
     a.item_urow[item + 1] = urow + 1;
     a.urow_start[urow + 1] = static_cast<int32_t>(i + 1);
   }
-  if (hit && (i == 0 || a.skeys[i - 1] < a.hit_base)) {  // the first hit (zero-initialised counts: no TT rows)
+  if (hit && (i == 0 || prev < a.hit_base)) {  // the first hit (zero-initialised counts: no TT rows)
     if (i == 0) {
       a.item_start[0] = 0;
       a.item_urow[0] = 0;
@@ -285,11 +294,10 @@ __global__ void tt_index_kernel(const IndexArgs<acc_t> a) {
     a.urow_start[urow + 1] = static_cast<int32_t>(a.nnz);
   }
   if (a.hit_base != ~uint64_t{0}) {  // cached lookup: distinct TT (missed) ids, one integer atomic per warp
-    const bool new_id = !hit && (i == 0 || a.skeys[i - 1] != key);
+    const bool new_id = !hit && (i == 0 || prev != key);
     const unsigned ballot = __ballot_sync(__activemask(), new_id);
     if (new_id && (threadIdx.x & 31) == static_cast<unsigned>(__ffs(ballot) - 1)) atomicAdd(&a.counts[kMissIds], __popc(ballot));
   }
-  const int32_t l = a.svals[i];
   if (a.posmap != nullptr) a.posmap[l] = urow;
   if (a.sbag != nullptr) {
     const int32_t lo = a.bag_of[l];
@@ -297,6 +305,67 @@ __global__ void tt_index_kernel(const IndexArgs<acc_t> a) {
     if (a.mean) scale = scale * (acc_t(1) / static_cast<acc_t>(a.offsets[lo + 1] - a.offsets[lo]));
     a.sbag[i] = static_cast<int32_t>(lo);
     a.sscale[i] = scale;
+  }
+}
+
+template <typename acc_t>
+__global__ void tt_index_kernel(const IndexArgs<acc_t> a) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= a.nnz) return;
+  index_position(
+      a, i, a.skeys[i], i > 0 ? a.skeys[i - 1] : 0, i + 1 < a.nnz ? a.skeys[i + 1] : 0, a.svals[i], a.scan[i]);
+}
+
+// Steps 2 and 3 in one cooperative launch (batches of up to kGridSortMaxTiles tiles):
+// grid_sort_pairs sorts (keys_in, position) into skeys / svals, then each block scans
+// the head flags of its tile (blocked: kGridSortItems consecutive positions per thread),
+// publishes the tile's sum, waits for the grid, and runs the index step on its positions
+// with the earlier tiles' sum added. hist, tile_sums: scratch (grid_sort_pairs; one per
+// tile). The counts are zeroed before the last wait.
+template <typename acc_t>
+__global__ void __launch_bounds__(kGridSortThreads) tt_sort_index_kernel(
+    const uint64_t* keys_in, uint64_t* skeys, int32_t* svals, int passes, int* hist, int64_t* tile_sums,
+    const IndexArgs<acc_t> a) {
+  namespace cg = cooperative_groups;
+  using FlagScan = cub::BlockScan<int64_t, kGridSortThreads>;
+  __shared__ GridSortShared s;
+  __shared__ typename FlagScan::TempStorage flag_scan;
+  __shared__ int64_t earlier_tiles;
+  const cg::grid_group grid = cg::this_grid();
+  const int n = static_cast<int>(a.nnz);
+  grid_sort_pairs(grid, s, keys_in, skeys, svals, n, passes, hist);
+
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kGridSortTile + threadIdx.x * kGridSortItems;
+  uint64_t key[kGridSortItems + 2];  // key[j + 1] is the key at first + j
+#pragma unroll
+  for (int j = 0; j < kGridSortItems + 2; ++j) {
+    const int64_t i = first + j - 1;
+    key[j] = i >= 0 && i < n ? __ldcg(skeys + i) : 0;
+  }
+  int64_t sc[kGridSortItems];
+#pragma unroll
+  for (int j = 0; j < kGridSortItems; ++j) {
+    sc[j] = first + j < n ? head_flags(first + j, key[j + 1], key[j], a.pl, a.hit_base) : 0;
+  }
+  int64_t tile_sum = 0;
+  FlagScan(flag_scan).InclusiveSum(sc, sc, tile_sum);
+  if (threadIdx.x == 0) {
+    tile_sums[blockIdx.x] = tile_sum;
+    if (blockIdx.x == 0) zero_counts(a.counts);
+  }
+  grid.sync();
+  if (threadIdx.x < 32) {  // the sum of the earlier tiles (< kGridSortMaxTiles of them)
+    int64_t e = 0;
+    for (int b = static_cast<int>(threadIdx.x); b < static_cast<int>(blockIdx.x); b += 32) e += __ldcg(tile_sums + b);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) e += __shfl_xor_sync(0xffffffffu, e, o);
+    if (threadIdx.x == 0) earlier_tiles = e;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < kGridSortItems; ++j) {
+    const int64_t i = first + j;
+    if (i < n) index_position(a, i, key[j + 1], key[j], key[j + 2], __ldcg(svals + i), earlier_tiles + sc[j]);
   }
 }
 
@@ -1091,6 +1160,33 @@ cudaError_t sort_pairs(
       Dispatch(temp, temp_bytes, keys, vals, static_cast<OffsetT>(n), 0, end_bit, false, stream);
 }
 
+bool grid_sort_enabled() {
+  static const bool enabled = env_switch_on("TORCHREC_TT_CUDA_GRID_SORT");
+  return enabled;
+}
+
+// Whether steps 2 and 3 of a batch of n ids run as one tt_sort_index_kernel launch: up to
+// kGridSortMaxTiles tiles, all resident on the device at once (cooperative launch), unless
+// TORCHREC_TT_CUDA_GRID_SORT=0. Larger batches take cub's sort, the flags kernel, cub's
+// scan and the index kernel.
+template <typename acc_t>
+bool grid_sort_fits(int64_t n) {
+  if (!grid_sort_enabled() || n > int64_t{kGridSortTile} * kGridSortMaxTiles) return false;
+  static std::mutex mu;
+  static std::map<int, int64_t> resident;  // device -> blocks resident at once
+  const int device = c10::cuda::current_device();
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = resident.find(device);
+  if (it == resident.end()) {
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, tt_sort_index_kernel<acc_t>, kGridSortThreads, 0));
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    it = resident.emplace(device, int64_t{per_sm} * sms).first;
+  }
+  return ceil_div(n, kGridSortTile) <= it->second;
+}
+
 template <typename acc_t>
 Batch build_batch(
     const TTDims& t,
@@ -1129,7 +1225,12 @@ Batch build_batch(
   int64_t *flags = nullptr, *scan = nullptr;
   void* temp = nullptr;
   size_t sort_bytes = 0, scan_bytes = 0;
-  if (nnz > 0) {
+  const bool one_launch = nnz > 0 && grid_sort_fits<acc_t>(nnz);
+  const int tiles = static_cast<int>(ceil_div(nnz, kGridSortTile));
+  int passes = static_cast<int>(ceil_div(end_bit, kGridSortBits));
+  int* hist = nullptr;
+  int64_t* tile_sums = nullptr;
+  if (nnz > 0 && !one_launch) {
     C10_CUDA_CHECK(sort_pairs(nullptr, sort_bytes, nullptr, nullptr, nullptr, nullptr, n, end_bit, stream));
     C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(
         nullptr, scan_bytes, static_cast<const int64_t*>(nullptr), static_cast<int64_t*>(nullptr), n, stream));
@@ -1139,9 +1240,14 @@ Batch build_batch(
   scratch.add(&vals, nnz);
   scratch.add(&svals, nnz);
   if (want_bag) scratch.add(&bag_of, nnz);
-  scratch.add(&flags, nnz);
-  scratch.add(&scan, nnz);
-  scratch.add_bytes(&temp, std::max(sort_bytes, scan_bytes));
+  if (one_launch) {
+    scratch.add(&hist, int64_t{passes} * tiles * kGridSortDigits);
+    scratch.add(&tile_sums, tiles);
+  } else {
+    scratch.add(&flags, nnz);
+    scratch.add(&scan, nnz);
+    scratch.add_bytes(&temp, std::max(sort_bytes, scan_bytes));
+  }
   const at::Tensor scratch_buf = scratch.allocate(indices.options());
   {
     const int64_t m = std::max<int64_t>(nnz, num_bags + 1);
@@ -1170,11 +1276,6 @@ Batch build_batch(
   }
   bt.ws = keep.allocate(indices.options());
 
-  C10_CUDA_CHECK(sort_pairs(temp, sort_bytes, keys, bt.skeys, vals, svals, n, end_bit, stream));
-  tt_flags_kernel<<<grid_1d(nnz, 256), 256, 0, stream>>>(bt.skeys, nnz, pl, hit_base, flags, bt.counts);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(temp, scan_bytes, flags, scan, n, stream));
-
   IndexArgs<acc_t> ia{};
   ia.skeys = bt.skeys;
   ia.svals = svals;
@@ -1199,6 +1300,17 @@ Batch build_batch(
     ia.sbag = bt.sbag;
     ia.sscale = static_cast<acc_t*>(bt.sscale);
   }
+  if (one_launch) {
+    void* args[] = {&keys, &bt.skeys, &svals, &passes, &hist, &tile_sums, &ia};
+    C10_CUDA_CHECK(cudaLaunchCooperativeKernel(
+        reinterpret_cast<const void*>(&tt_sort_index_kernel<acc_t>), dim3(tiles), dim3(kGridSortThreads), args, 0,
+        stream));
+    return bt;
+  }
+  C10_CUDA_CHECK(sort_pairs(temp, sort_bytes, keys, bt.skeys, vals, svals, n, end_bit, stream));
+  tt_flags_kernel<<<grid_1d(nnz, 256), 256, 0, stream>>>(bt.skeys, nnz, pl, hit_base, flags, bt.counts);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(temp, scan_bytes, flags, scan, n, stream));
   tt_index_kernel<acc_t><<<grid_1d(nnz, 256), 256, 0, stream>>>(ia);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return bt;
