@@ -9,9 +9,11 @@
 //   1. prep:   validate ids / offsets on the device (CUDA_KERNEL_ASSERT: a bad id
 //              or malformed offsets abort the kernel with a device-side assert),
 //              map every id to a sort key (prefix digits, then the last digit).
-//   2. sort:   cub radix sort of (key, position): stable, so duplicates keep their
-//              input order (deterministic sums); smaller tiles than cub's for
-//              batch-sized inputs (sort_pairs).
+//   2. sort:   radix sort of (key, position): stable, so duplicates keep their
+//              input order (deterministic sums). Batches of up to 64 tiles of 2048
+//              ids: one cooperative launch does steps 2 and 3 (tt_sort_index_kernel,
+//              tt_cuda_grid_sort.cuh); larger ones take cub's onesweep sort
+//              (sort_pairs), the flags kernel, cub's scan and the index kernel.
 //   3. index:  one inclusive scan marks "items" (runs of equal prefix
 //              (i_0..i_{d-2}), split every kItemChunk positions) and "urows"
 //              (runs of equal id inside an item). Buffers are sized for the worst
@@ -42,7 +44,7 @@
 // only), TORCHREC_TT_CUDA_REUSE=0 (no forward -> backward reuse), TORCHREC_TT_CUDA_MMA
 // (tensor cores in the fast item kernels: bwd (default), fwd, 1 (both) or 0),
 // TORCHREC_TT_CUDA_STREAMS=0 (the backward on one stream), TORCHREC_TT_CUDA_SORT_TILE=0
-// (cub's own tile in step 2).
+// (cub's own tile in step 2), TORCHREC_TT_CUDA_GRID_SORT=0 (cub's sort for every batch).
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
