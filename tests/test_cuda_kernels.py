@@ -13,6 +13,8 @@ run in float64 on the CPU; on top of it:
 * bitwise determinism (same inputs twice -> same bits);
 * the fast kernels with and without tensor cores (``TORCHREC_TT_CUDA_MMA=0`` and ``=1``
   in subprocesses);
+* the one-launch sort of batches up to 64 tiles at the tile edges, and cub's sort path
+  (``TORCHREC_TT_CUDA_GRID_SORT=0``, in a subprocess) giving the same bits;
 * a training step (forward + backward with the fused optimizer) captured in a
   CUDA graph and replayed, bitwise equal to eager steps (so no host sync);
 * ids validated on the device (a bad id aborts with a device-side assert, in a
