@@ -499,13 +499,10 @@ def test_module_backward_reuses_the_forward_sort(shape):
 
 
 # --------------------------------------------------------------------------- tensor cores on / off
-@pytest.mark.parametrize("mma", ["0", "1"], ids=["fma-only", "tensor-cores-both"])
-def test_fast_kernels_other_mma_modes(mma):
-    # TORCHREC_TT_CUDA_MMA (read once per process; default: tensor cores in the backward
-    # kernel only) = 0: the FMA products in both fast kernels, 1: tensor cores in both. The
-    # tests that reach the fast path run again in a process of their own.
-    env = dict(os.environ, TORCHREC_TT_CUDA_MMA=mma, PYTHONUNBUFFERED="1")
-    select = "(matches_reference or many_rows or long_runs or fused or deterministic or graph or one_hot) and not mma"
+def _run_tests_in_subprocess(select: str, **switches: str) -> None:
+    """Runs this file's tests matching ``select`` in a pytest process with the kernels'
+    environment ``switches`` (each read once per process) and asserts that they pass."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **switches)
     res = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", select],
         capture_output=True,
@@ -515,23 +512,27 @@ def test_fast_kernels_other_mma_modes(mma):
     )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert " passed" in res.stdout, res.stdout[-2000:]
+
+
+@pytest.mark.parametrize("mma", ["0", "1"], ids=["fma-only", "tensor-cores-both"])
+def test_fast_kernels_other_mma_modes(mma):
+    # TORCHREC_TT_CUDA_MMA (read once per process; default: tensor cores in the backward
+    # kernel only) = 0: the FMA products in both fast kernels, 1: tensor cores in both. The
+    # tests that reach the fast path run again in a process of their own.
+    _run_tests_in_subprocess(
+        "(matches_reference or many_rows or long_runs or fused or deterministic or graph or one_hot) and not mma",
+        TORCHREC_TT_CUDA_MMA=mma,
+    )
 
 
 # --------------------------------------------------------------------------- cub's sort for every batch
 def test_cub_sort_path():
     # TORCHREC_TT_CUDA_GRID_SORT=0 (read once per process): every batch takes cub's sort,
     # the flags kernel, cub's scan and the index kernel (the path of batches past 64 tiles).
-    env = dict(os.environ, TORCHREC_TT_CUDA_GRID_SORT="0", PYTHONUNBUFFERED="1")
-    select = "(matches_reference or sort_sizes or graph or reuses) and not mma and not cub_sort"
-    res = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", select],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
+    _run_tests_in_subprocess(
+        "(matches_reference or sort_sizes or graph or reuses) and not mma and not cub_sort",
+        TORCHREC_TT_CUDA_GRID_SORT="0",
     )
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-    assert " passed" in res.stdout, res.stdout[-2000:]
 
 
 def test_grid_sort_and_cub_sort_give_the_same_bits(tmp_path):
