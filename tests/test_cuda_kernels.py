@@ -286,7 +286,7 @@ def test_sort_sizes_around_tiles(shape, nnz):
     ids = zipf_ids(min(n, 50_000), nnz) * (n // min(n, 50_000)) if nnz > 4096 else torch.randint(0, n, (nnz,))
     offsets = torch.tensor([0, *sorted(torch.randint(0, nnz + 1, (30,)).tolist()), nnz])
     case = _grad_case(shape, ids=ids, offsets=offsets)
-    cores, w = case[4], case[7]
+    cores, w = case[4], case[7]  # (p, q, ranks, n, cores, ids, offsets, w, g, mode)
     ref = reference.tt_embedding_bag_forward(cores, ids, offsets, w, p, q, ranks, n, 0)
     out = tt.tt_embedding_bag_forward(
         to_dev(cores, torch.float64), ids.to(DEV), offsets.to(DEV), w.to(DEV), p, q, ranks, n, 0

@@ -541,7 +541,7 @@ std::vector<std::pair<int64_t, int64_t>> sorted_id_positions(const int64_t* ids,
 }
 
 // The rows a bag pools are scattered over the span's row buffer (tens of MB): each is
-// fetched from memory kPoolPrefetch positions ahead of its use.
+// fetched from memory kPoolPrefetch positions ahead of its use (SpanRows::row_ahead).
 constexpr int64_t kPoolPrefetch = 4;
 template <typename T>
 void prefetch_row(const T* row, int64_t n) {
@@ -610,6 +610,13 @@ struct SpanRows {
   const acc_t* row(int64_t i) const {
     return rows.data() + row_of[i] * D;
   }
+
+  // row(i) of a loop over positions < n, with the row kPoolPrefetch positions ahead requested
+  // from memory (the rows a loop reads are scattered over the buffer).
+  const acc_t* row_ahead(int64_t i, int64_t n) const {
+    if (i + kPoolPrefetch < n) prefetch_row(row(i + kPoolPrefetch), D);
+    return row(i);
+  }
 };
 
 // The forward, a span of bags at a time (memory: the rows of one span): each unique id's
@@ -638,8 +645,7 @@ void forward_kernel(
     const int64_t start = offsets[b], end = offsets[b + 1];
     const acc_t inv_len = (mean && end > start) ? acc_t(1) / static_cast<acc_t>(end - start) : acc_t(1);
     for (int64_t i = i0; i < i1; ++i) {
-      if (i + kPoolPrefetch < p1) prefetch_row(sr.row(i + kPoolPrefetch - p0), D);
-      const acc_t* TT_RESTRICT row = sr.row(i - p0);
+      const acc_t* TT_RESTRICT row = sr.row_ahead(i - p0, p1 - p0);
       if (weights == nullptr && !mean) {
         for (int64_t j = 0; j < D; ++j) acc[j] += row[j];
       } else {
@@ -741,8 +747,7 @@ at::Tensor tt_lookup_rows_cpu(
       sr.compute(L, mm, core_ptrs.data(), ids + p0, p1 - p0);
       at::parallel_for(p0, p1, 256, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
-          if (i + kPoolPrefetch < p1) prefetch_row(sr.row(i + kPoolPrefetch - p0), D);
-          const acc_t* TT_RESTRICT row = sr.row(i - p0);
+          const acc_t* TT_RESTRICT row = sr.row_ahead(i - p0, p1 - p0);
           for (int64_t c = 0; c < D; ++c) o[i * D + c] = static_cast<scalar_t>(row[c]);
         }
       });
