@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import math
@@ -37,6 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--iters", type=int, default=300, help="timed calls per part")
     ap.add_argument("--cache-size", type=int, default=0, help="also time the LFU-cached table with this many cached rows")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument(
+        "--trace", type=int, default=0, metavar="STEPS",
+        help="also log where the TT module step's host time goes over this many steps: the profiler's "
+        "operators and CUDA API calls by self CPU time, and Python's functions by own time (cProfile)",
+    )
     return ap.parse_args(argv)
 
 
@@ -54,6 +60,33 @@ def host_us_per_call(fn: Callable[[], object], iters: int) -> dict[str, float]:
     host = time.perf_counter() - t0  # issue time (the loop never waits on the GPU)
     torch.cuda.synchronize()
     return {"host_us": host / iters * 1e6, "gpu_us": start.elapsed_time(stop) / iters * 1e3}
+
+
+def trace_host_time(step: Callable[[], object], steps: int, rows: int = 25) -> None:
+    """Log the host time of ``steps`` calls of ``step`` by operator / CUDA API call, then by Python function."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    log.info("Profiler, %d steps, by self CPU time:\n%s", steps, prof.key_averages().table(
+        sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70))
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    pr.disable()
+    out = io.StringIO()
+    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(rows)
+    log.info("cProfile, %d steps, by own time:\n%s", steps, out.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("| part | host us/call | GPU us/call |\n|---|---|---|")
     for name, v in results["parts"].items():
         log.info("| %s | %.1f | %.1f |", name, v["host_us"], v["gpu_us"])
+    if args.trace:
+        trace_host_time(parts["TT module step (forward + backward + fused SGD)"], args.trace)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     return 0
