@@ -1108,10 +1108,43 @@ struct Batch {
   int32_t* urow_dig = nullptr;        // last digit of each unique row
 };
 
-// An on/off environment switch of the kernels: on unless set to "0" (read once by each caller).
+// An on/off environment switch of the kernels: on unless set to "0".
 bool env_switch_on(const char* name) {
   const char* e = std::getenv(name);
   return !(e != nullptr && std::strcmp(e, "0") == 0);
+}
+
+// Tensor cores in the fast kernels (tt_cuda_fast.cuh), TORCHREC_TT_CUDA_MMA: bwd (the default):
+// the backward item kernel only; fwd: the forward only; 1: both; 0: neither (FMA kernels).
+// The forward is faster without them (benchmarks/NOTES.md, v8). Bit 1: forward, bit 2: backward.
+int mma_mode() {
+  const char* e = std::getenv("TORCHREC_TT_CUDA_MMA");
+  if (e == nullptr || std::strcmp(e, "bwd") == 0) return 2;
+  if (std::strcmp(e, "1") == 0) return 3;
+  if (std::strcmp(e, "0") == 0) return 0;
+  if (std::strcmp(e, "fwd") == 0) return 1;
+  TORCH_CHECK_VALUE(false, "TORCHREC_TT_CUDA_MMA must be 0, 1, fwd or bwd, got '", e, "'");
+}
+
+// The kernels' environment switches, read once per process (the tests set them per
+// subprocess); every on/off one is on unless set to "0".
+struct KernelSwitches {
+  // the fast warp-per-item kernels for seed-like shapes (fast_path_ok); 0: the generic ones
+  bool fast = env_switch_on("TORCHREC_TT_CUDA_FAST");
+  int mma = mma_mode();  // TORCHREC_TT_CUDA_MMA, see mma_mode
+  // the forward leaves its sorted batch for the backward of the same tensors
+  bool reuse = env_switch_on("TORCHREC_TT_CUDA_REUSE");
+  // the backward's second stream (SideStream); 0: all on the caller's stream
+  bool streams = env_switch_on("TORCHREC_TT_CUDA_STREAMS");
+  // cub's sort with a smaller tile up to kSmallSortMax keys (sort_pairs); 0: cub's own tile
+  bool sort_tile = env_switch_on("TORCHREC_TT_CUDA_SORT_TILE");
+  // steps 2-3 of batches up to kGridSortMaxTiles tiles in one launch (grid_sort_fits); 0: cub's path
+  bool grid_sort = env_switch_on("TORCHREC_TT_CUDA_GRID_SORT");
+};
+
+const KernelSwitches& switches() {
+  static const KernelSwitches s;
+  return s;
 }
 
 // Step 2's sort of a batch's (key, position) pairs: cub's onesweep radix sort, with a
@@ -1140,17 +1173,12 @@ struct SmallTileSortPolicyHub {
   using MaxPolicy = Policy;
 };
 
-bool small_sort_tile_enabled() {
-  static const bool enabled = env_switch_on("TORCHREC_TT_CUDA_SORT_TILE");
-  return enabled;
-}
-
 // cub::DeviceRadixSort::SortPairs of n pairs on bits [0, end_bit) (temp == nullptr: sets
 // temp_bytes only), with the small tile where it applies.
 cudaError_t sort_pairs(
     void* temp, size_t& temp_bytes, const uint64_t* keys_in, uint64_t* keys_out, const int32_t* vals_in,
     int32_t* vals_out, int n, int end_bit, cudaStream_t stream) {
-  if (n > kSmallSortMax || !small_sort_tile_enabled()) {
+  if (n > kSmallSortMax || !switches().sort_tile) {
     return cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_in, keys_out, vals_in, vals_out, n, 0, end_bit, stream);
   }
   using OffsetT = cub::detail::choose_offset_t<int>;
@@ -1162,18 +1190,13 @@ cudaError_t sort_pairs(
       Dispatch(temp, temp_bytes, keys, vals, static_cast<OffsetT>(n), 0, end_bit, false, stream);
 }
 
-bool grid_sort_enabled() {
-  static const bool enabled = env_switch_on("TORCHREC_TT_CUDA_GRID_SORT");
-  return enabled;
-}
-
 // Whether steps 2 and 3 of a batch of n ids run as one tt_sort_index_kernel launch: up to
 // kGridSortMaxTiles tiles, all resident on the device at once (cooperative launch), unless
 // TORCHREC_TT_CUDA_GRID_SORT=0. Larger batches take cub's sort, the flags kernel, cub's
 // scan and the index kernel.
 template <typename acc_t>
 bool grid_sort_fits(int64_t n) {
-  if (!grid_sort_enabled() || n > int64_t{kGridSortTile} * kGridSortMaxTiles) return false;
+  if (!switches().grid_sort || n > int64_t{kGridSortTile} * kGridSortMaxTiles) return false;
   static std::mutex mu;
   static std::map<int, int64_t> resident;  // device -> blocks resident at once
   const int device = c10::cuda::current_device();
@@ -1431,18 +1454,6 @@ BatchCache& batch_cache() {
   return *cache;
 }
 
-// TORCHREC_TT_CUDA_REUSE=0 turns the forward -> backward reuse off.
-bool batch_reuse_enabled() {
-  static const bool enabled = env_switch_on("TORCHREC_TT_CUDA_REUSE");
-  return enabled;
-}
-
-// TORCHREC_TT_CUDA_STREAMS=0 keeps the whole backward on the caller's stream.
-bool side_stream_enabled() {
-  static const bool enabled = env_switch_on("TORCHREC_TT_CUDA_STREAMS");
-  return enabled;
-}
-
 // A second stream for the backward (run_backward): step 5's digit sorts read only the
 // batch, so they run beside the item kernel, and core 1's tail on the tensor-core path
 // needs only the item kernel, so it runs beside the reductions. Events order the two
@@ -1454,7 +1465,7 @@ bool side_stream_enabled() {
 class SideStream {
  public:
   SideStream(cudaStream_t main, int device) : main_(main), side_(main) {
-    if (!side_stream_enabled()) return;
+    if (!switches().streams) return;
     side_ = at::cuda::getStreamFromPool(false, static_cast<c10::DeviceIndex>(device)).stream();
     thread_local std::map<int, std::array<cudaEvent_t, 3>> events;  // per device, never destroyed
     auto it = events.find(device);
@@ -1523,8 +1534,7 @@ ItemArgs<scalar_t, acc_t> item_args(const TTDims& t, const std::vector<at::Tenso
 // backward's output gradient) are 16-byte aligned (float4 loads); others take the generic
 // block kernels. TORCHREC_TT_CUDA_FAST=0 forces the generic ones.
 bool fast_path_ok(const TTDims& t, const std::vector<at::Tensor>& cores, const void* grad_out = nullptr) {
-  static const bool enabled = env_switch_on("TORCHREC_TT_CUDA_FAST");
-  if (!enabled || cores[0].scalar_type() != at::kFloat || t.d != 3) return false;
+  if (!switches().fast || cores[0].scalar_type() != at::kFloat || t.d != 3) return false;
   if (!(t.q[0] == 4 && t.r[1] == 32 && t.q[1] == 4 && t.r[2] == 32 && t.q[2] == 4)) return false;
   auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   return aligned(cores[0].const_data_ptr()) && aligned(cores[1].const_data_ptr()) &&
@@ -1545,20 +1555,9 @@ FastArgs fast_args(const std::vector<at::Tensor>& cores, const Batch& bt) {
   return f;
 }
 
-// Tensor cores in the fast kernels (tt_cuda_fast.cuh), TORCHREC_TT_CUDA_MMA: bwd (the default):
-// the backward item kernel only; fwd: the forward only; 1: both; 0: neither (FMA kernels).
-// The forward is faster without them (benchmarks/NOTES.md, v8).
+// Whether the fast backward (bwd) or forward item kernel runs on tensor cores (mma_mode).
 bool fast_mma(bool bwd) {
-  static const int mode = [] {
-    const char* e = std::getenv("TORCHREC_TT_CUDA_MMA");
-    if (e == nullptr) return 2;
-    if (std::strcmp(e, "1") == 0) return 3;
-    if (std::strcmp(e, "0") == 0) return 0;
-    if (std::strcmp(e, "fwd") == 0) return 1;
-    if (std::strcmp(e, "bwd") == 0) return 2;
-    TORCH_CHECK_VALUE(false, "TORCHREC_TT_CUDA_MMA must be 0, 1, fwd or bwd, got '", e, "'");
-  }();
-  return (mode & (bwd ? 2 : 1)) != 0;
+  return (switches().mma & (bwd ? 2 : 1)) != 0;
 }
 
 template <bool BWD>
@@ -1715,7 +1714,7 @@ at::Tensor run_forward(
     }
     // Kept for the backward only when one can follow (grad mode on; the module calls
     // this op below autograd with grad mode on, see torchrec_tt/modules/tt_embedding_bag.py).
-    if (batch_reuse_enabled() && c10::GradMode::is_enabled()) {
+    if (switches().reuse && c10::GradMode::is_enabled()) {
       CachedBatch entry;
       if (batch_key(
               &entry.key, indices_in, offsets_in, per_sample_weights, pooling_mode, num_embeddings, p_shapes,
@@ -1959,7 +1958,7 @@ void run_backward(
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   Batch bt;
   bool reused = false;
-  if (batch_reuse_enabled()) {
+  if (switches().reuse) {
     BatchKey key;
     if (batch_key(
             &key, indices_in, offsets_in, per_sample_weights, pooling_mode, t.num_embeddings, p_shapes, acc_type,
