@@ -1002,14 +1002,24 @@ TTDims make_dims(
   return t;
 }
 
+// A non-negative per-device value, computed once per device (up to 64 devices; past them,
+// every call). The cache holds value + 1: 0 means not computed yet.
+template <typename Compute>
+int per_device(std::atomic<int> (&cache)[64], int device, const Compute& compute) {
+  const int held = device < 64 ? cache[device].load() : 0;
+  if (held > 0) return held - 1;
+  const int v = compute();
+  if (device < 64) cache[device] = v + 1;
+  return v;
+}
+
 int max_dynamic_smem(int device) {
   static std::atomic<int> cache[64];
-  int v = device < 64 ? cache[device].load() : 0;
-  if (v == 0) {
+  return per_device(cache, device, [device] {
+    int v = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    if (device < 64) cache[device] = v;
-  }
-  return v;
+    return v;
+  });
 }
 
 template <typename Kernel>
@@ -1197,19 +1207,15 @@ cudaError_t sort_pairs(
 template <typename acc_t>
 bool grid_sort_fits(int64_t n) {
   if (!switches().grid_sort || n > int64_t{kGridSortTile} * kGridSortMaxTiles) return false;
-  static std::mutex mu;
-  static std::map<int, int64_t> resident;  // device -> blocks resident at once
+  static std::atomic<int> resident[64];  // blocks resident at once, per device
   const int device = c10::cuda::current_device();
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = resident.find(device);
-  if (it == resident.end()) {
-    int per_sm = 0;
+  const int blocks = per_device(resident, device, [device] {
+    int per_sm = 0, sms = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, tt_sort_index_kernel<acc_t>, kGridSortThreads, 0));
-    int sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    it = resident.emplace(device, int64_t{per_sm} * sms).first;
-  }
-  return ceil_div(n, kGridSortTile) <= it->second;
+    return per_sm * sms;
+  });
+  return ceil_div(n, kGridSortTile) <= blocks;
 }
 
 template <typename acc_t>
