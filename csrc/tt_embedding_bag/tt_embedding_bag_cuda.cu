@@ -364,7 +364,9 @@ __global__ void __launch_bounds__(kGridSortThreads) tt_sort_index_kernel(
     if (threadIdx.x == 0) earlier_tiles = e;
   }
   __syncthreads();
-#pragma unroll
+  // Not unrolled: index_position is large, and eight inlined copies made this kernel ~150 KB
+  // of code (instruction-fetch stalls); key / sc are then indexed at run time (local memory).
+#pragma unroll 1
   for (int j = 0; j < kGridSortItems; ++j) {
     const int64_t i = first + j;
     if (i < n) index_position(a, i, key[j + 1], key[j], key[j + 2], __ldcg(svals + i), earlier_tiles + sc[j]);
