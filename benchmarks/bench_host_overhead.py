@@ -1,10 +1,11 @@
 """Host (CPU) time per call of the parts of a TT training step on CUDA.
 
-Small batches are host bound: the GPU finishes a B=512 step long before Python,
-autograd and the launches of the next one are issued. This script times each part
-in a loop of back-to-back calls (the wall time per call is then the host time, since
-the GPU keeps up), beside the same loop for the uncompressed ``nn.EmbeddingBag``
-and for a single tiny kernel launch (the floor of any eager op).
+Times each part in a loop of back-to-back calls, beside the same loop for the
+uncompressed ``nn.EmbeddingBag`` and for a single tiny kernel launch (the floor of any
+eager op). Host time per call is the loop's wall time: the time to issue a call while the
+GPU keeps up. GPU time per call is measured by events around the same loop. A part whose
+GPU time exceeds its host time is GPU bound (its launches queue up ahead of the GPU); once
+the launch queue is full the host waits too, and both read the same.
 
 Example::
 
@@ -57,7 +58,7 @@ def host_us_per_call(fn: Callable[[], object], iters: int) -> dict[str, float]:
     for _ in range(iters):
         fn()
     stop.record()
-    host = time.perf_counter() - t0  # issue time (the loop never waits on the GPU)
+    host = time.perf_counter() - t0  # issue time (unless the launch queue filled up)
     torch.cuda.synchronize()
     return {"host_us": host / iters * 1e6, "gpu_us": start.elapsed_time(stop) / iters * 1e3}
 
