@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Bytes of SASS per CUDA kernel of tt_embedding_bag_cuda.cu for sm_90 (16 bytes per instruction),
+# largest first, with registers and spills from ptxas. Needs nvcc, not a GPU: a check for code
+# bloat before a device call (benchmarks/NOTES.md section 7: a 150 KB kernel stalled on
+# instruction fetch). From the repository root, with the project's Python environment:
+#
+#   bash scripts/cuda_code_size.sh            # the 15 largest kernels
+#   TOP=40 bash scripts/cuda_code_size.sh
+#
+# Environment: PYTHON (default .venv/bin/python, else python3), NVCC (default nvcc), TOP.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+py=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+nvcc_bin=${NVCC:-nvcc}
+src=csrc/tt_embedding_bag/tt_embedding_bag_cuda.cu
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+includes=$("$py" -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))")
+# A CPU build of torch lacks this generated header; the kernels need none of its macros.
+mkdir -p "$tmp/stub/c10/cuda/impl"
+echo "#pragma once" >"$tmp/stub/c10/cuda/impl/cuda_cmake_macros.h"
+abi=$("$py" -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))")
+
+# shellcheck disable=SC2086
+"$nvcc_bin" -cubin "$src" -o "$tmp/tt.cubin" $includes -I"$tmp/stub" -Icsrc/include -std=c++17 \
+  --expt-relaxed-constexpr -O3 -gencode arch=compute_90,code=sm_90 -DTORCHREC_TT_WITH_CUDA \
+  -D_GLIBCXX_USE_CXX11_ABI="$abi" -Xptxas -v 2>"$tmp/ptxas.log"
+
+"$py" - "$tmp/tt.cubin" "$tmp/ptxas.log" "${TOP:-15}" <<'EOF'
+import re
+import subprocess
+import sys
+
+cubin, ptxas, top = sys.argv[1], sys.argv[2], int(sys.argv[3])
+symbols = subprocess.run(["readelf", "-sW", cubin], capture_output=True, text=True).stdout
+sizes = {}
+for line in symbols.splitlines():
+    f = line.split()
+    if len(f) >= 8 and f[3] == "FUNC":
+        sizes[f[-1]] = int(f[2], 0)
+usage, kernel = {}, None
+for line in open(ptxas):
+    m = re.search(r"Compiling entry function '(\S+)'", line)
+    if m:
+        kernel = m.group(1)
+    m = re.search(r"(\d+) bytes spill stores", line)
+    if m and kernel:
+        usage.setdefault(kernel, {})["spill"] = int(m.group(1))
+    m = re.search(r"Used (\d+) registers", line)
+    if m and kernel:
+        usage.setdefault(kernel, {})["regs"] = int(m.group(1))
+names = subprocess.run(["c++filt"], input="\n".join(sizes), capture_output=True, text=True).stdout.splitlines()
+short = dict(zip(sizes, names))
+print(f"{'KB':>6} {'regs':>5} {'spill':>6}  kernel (sm_90)")
+for sym, size in sorted(sizes.items(), key=lambda kv: -kv[1])[:top]:
+    u = usage.get(sym, {})
+    name = re.sub(r"torchrec_tt::(\(anonymous namespace\)::|cuda_detail::)?|cub::CUB_\w+::detail::", "", short[sym])
+    print(f"{size / 1024:6.1f} {u.get('regs', '-'):>5} {u.get('spill', '-'):>6}  {name[:100]}")
+EOF
