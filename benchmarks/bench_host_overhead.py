@@ -19,11 +19,15 @@ import io
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_tt_embedding_bag import profiled_steps  # noqa: E402
 
 log = logging.getLogger("bench_host_overhead")
 
@@ -68,15 +72,7 @@ def trace_host_time(step: Callable[[], object], steps: int, rows: int = 25) -> N
     import cProfile
     import pstats
 
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(10):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
+    prof = profiled_steps(lambda _: step(), None, steps=steps, warmup=10)
     log.info("Profiler, %d steps, by self CPU time:\n%s", steps, prof.key_averages().table(
         sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70))
     pr = cProfile.Profile()
@@ -91,7 +87,7 @@ def trace_host_time(step: Callable[[], object], steps: int, rows: int = 25) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # over the import's config
     args = parse_args(argv)
     from torchrec_tt import OptimType, TTEmbeddingBag
 
