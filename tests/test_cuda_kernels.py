@@ -564,6 +564,21 @@ def test_grid_sort_and_cub_sort_give_the_same_bits(tmp_path):
         assert torch.equal(a.cpu(), b)
 
 
+def test_grid_sort_repeats_give_the_same_bits():
+    # The most tiles the grid sort takes, many distinct keys: a block that scattered before
+    # another had loaded its pairs (a race between passes) would change some of the 30 outputs.
+    p, q, ranks, n = [50, 60, 70], [4, 4, 4], [1, 32, 32, 1], 200_000  # 18-bit keys: 3 passes
+    nnz = 64 * 2048
+    ids, offsets = torch.randint(0, n, (nnz,)), torch.arange(0, nnz + 1, 16)
+    cores = make_cores(p, q, ranks, dtype=torch.float32)
+    args = (to_dev(cores, torch.float32), ids.to(DEV), offsets.to(DEV), None, p, q, ranks, n, 0)
+    first = tt.tt_embedding_bag_forward(*args)
+    ref = reference.tt_embedding_bag_forward(cores, ids, offsets, None, p, q, ranks, n, 0)
+    assert rel_err(first, ref) < tol(torch.float32)
+    for _ in range(30):
+        assert torch.equal(tt.tt_embedding_bag_forward(*args), first)
+
+
 # --------------------------------------------------------------------------- device-side validation
 @pytest.mark.parametrize("bad", ["id", "negative", "offsets"])
 def test_device_side_bounds_check(bad):
