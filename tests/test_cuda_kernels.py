@@ -16,7 +16,8 @@ run in float64 on the CPU; on top of it:
 * the one-launch sort of batches up to 64 tiles at the tile edges, and cub's sort path
   (``TORCHREC_TT_CUDA_GRID_SORT=0``, in a subprocess) giving the same bits;
 * a training step (forward + backward with the fused optimizer) captured in a
-  CUDA graph and replayed, bitwise equal to eager steps (so no host sync);
+  CUDA graph and replayed, bitwise equal to eager steps (so no host sync; captured
+  lookups take cub's sort path, eager ones the one-launch sort);
 * ids validated on the device (a bad id aborts with a device-side assert, in a
   subprocess since that poisons the CUDA context);
 * outputs past 2^31 elements (int64 offsets of ``nnz * D``).
@@ -577,6 +578,38 @@ def test_grid_sort_repeats_give_the_same_bits():
     assert rel_err(first, ref) < tol(torch.float32)
     for _ in range(30):
         assert torch.equal(tt.tt_embedding_bag_forward(*args), first)
+
+
+def test_captured_lookups_take_cubs_sort():
+    """Captured into a CUDA graph, steps 2-3 run as cub's sort, the flags, scan and index
+    kernels (less GPU time); eagerly, as one tt_sort_index_kernel launch (fewer launches).
+    Both give the same bits."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    p, q, ranks, n = [50, 60, 70], [4, 4, 4], [1, 32, 32, 1], 200_000
+    ids, offsets = torch.randint(0, n, (2560,), device=DEV), torch.arange(0, 2561, 10, device=DEV)
+    cores = to_dev(make_cores(p, q, ranks), torch.float32)
+
+    def lookup():
+        return tt.tt_embedding_bag_forward(cores, ids, offsets, None, p, q, ranks, n, 0)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        lookup()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = lookup()
+    with profile(activities=[ProfilerActivity.CUDA]) as replayed:
+        graph.replay()
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as eager:
+        out = lookup()
+        torch.cuda.synchronize()
+    assert (_kernel_launches(replayed, "tt_index_kernel"), _kernel_launches(replayed, "tt_sort_index_kernel")) == (1, 0)
+    assert (_kernel_launches(eager, "tt_index_kernel"), _kernel_launches(eager, "tt_sort_index_kernel")) == (0, 1)
+    assert torch.equal(captured, out)
 
 
 # --------------------------------------------------------------------------- device-side validation

@@ -10,10 +10,11 @@
 //              or malformed offsets abort the kernel with a device-side assert),
 //              map every id to a sort key (prefix digits, then the last digit).
 //   2. sort:   radix sort of (key, position): stable, so duplicates keep their
-//              input order (deterministic sums). Batches of up to 64 tiles of 2048
-//              ids: one cooperative launch does steps 2 and 3 (tt_sort_index_kernel,
-//              tt_cuda_grid_sort.cuh); larger ones take cub's onesweep sort
-//              (sort_pairs), the flags kernel, cub's scan and the index kernel.
+//              input order (deterministic sums). Eager batches of up to 64 tiles of
+//              2048 ids: one cooperative launch does steps 2 and 3 (tt_sort_index_kernel,
+//              tt_cuda_grid_sort.cuh); larger ones, and any captured into a CUDA
+//              graph, take cub's onesweep sort (sort_pairs), the flags kernel, cub's
+//              scan and the index kernel.
 //   3. index:  one inclusive scan marks "items" (runs of equal prefix
 //              (i_0..i_{d-2}), split every kItemChunk positions) and "urows"
 //              (runs of equal id inside an item). Buffers are sized for the worst
@@ -1202,13 +1203,22 @@ cudaError_t sort_pairs(
       Dispatch(temp, temp_bytes, keys, vals, static_cast<OffsetT>(n), 0, end_bit, false, stream);
 }
 
+// Whether stream is capturing work into a CUDA graph.
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
 // Whether steps 2 and 3 of a batch of n ids run as one tt_sort_index_kernel launch: up to
-// kGridSortMaxTiles tiles, all resident on the device at once (cooperative launch), unless
-// TORCHREC_TT_CUDA_GRID_SORT=0. Larger batches take cub's sort, the flags kernel, cub's
-// scan and the index kernel.
+// kGridSortMaxTiles tiles, all resident on the device at once (cooperative launch), launched
+// eagerly (not captured into a CUDA graph), unless TORCHREC_TT_CUDA_GRID_SORT=0. Other
+// batches take cub's sort, the flags kernel, cub's scan and the index kernel: their GPU
+// time is ~10 us per step less (benchmarks/NOTES.md section 6, item 0), what a graph's
+// replay costs, while the one launch saves more than that in an eager step's launch gaps.
 template <typename acc_t>
-bool grid_sort_fits(int64_t n) {
-  if (!switches().grid_sort || n > int64_t{kGridSortTile} * kGridSortMaxTiles) return false;
+bool grid_sort_fits(int64_t n, cudaStream_t stream) {
+  if (!switches().grid_sort || n > int64_t{kGridSortTile} * kGridSortMaxTiles || capturing(stream)) return false;
   static std::atomic<int> resident[64];  // blocks resident at once, per device
   const int device = c10::cuda::current_device();
   const int blocks = per_device(resident, device, [device] {
@@ -1258,7 +1268,7 @@ Batch build_batch(
   int64_t *flags = nullptr, *scan = nullptr;
   void* temp = nullptr;
   size_t sort_bytes = 0, scan_bytes = 0;
-  const bool one_launch = nnz > 0 && grid_sort_fits<acc_t>(nnz);
+  const bool one_launch = nnz > 0 && grid_sort_fits<acc_t>(nnz, stream);
   const int tiles = static_cast<int>(ceil_div(nnz, kGridSortTile));
   int passes = static_cast<int>(ceil_div(end_bit, kGridSortBits));
   int* hist = nullptr;
