@@ -1213,9 +1213,9 @@ bool capturing(cudaStream_t stream) {
 // Whether steps 2 and 3 of a batch of n ids run as one tt_sort_index_kernel launch: up to
 // kGridSortMaxTiles tiles, all resident on the device at once (cooperative launch), launched
 // eagerly (not captured into a CUDA graph), unless TORCHREC_TT_CUDA_GRID_SORT=0. Other
-// batches take cub's sort, the flags kernel, cub's scan and the index kernel: their GPU
-// time is ~10 us per step less (benchmarks/NOTES.md section 6, item 0), what a graph's
-// replay costs, while the one launch saves more than that in an eager step's launch gaps.
+// batches take cub's sort, the flags kernel, cub's scan and the index kernel. Those take
+// ~10 us less GPU time per step (benchmarks/NOTES.md section 6, item 0), which is all a
+// graph replay pays for; eagerly, the one launch saves more than that in launch gaps.
 template <typename acc_t>
 bool grid_sort_fits(int64_t n, cudaStream_t stream) {
   if (!switches().grid_sort || n > int64_t{kGridSortTile} * kGridSortMaxTiles || capturing(stream)) return false;
