@@ -76,19 +76,20 @@ constexpr int kPLd = 132;  // row stride (floats) of the per-warp P / Y buffer: 
 constexpr int kTLd = 36;   // row stride of the stacked T_0 slices (conflict-free A-fragment loads)
 constexpr int kMmaRows = 16;  // m of mma.m16n8k8: kFastItemsPerWarp items x Q0 rows
 
-// Shared memory of one warp (floats): the P / Y buffer (tensor cores) or the transposed
-// T_0 slice, then the staging area. Seed shapes (S2 = 128, D = 64, Q0 * R1 <= 128).
 // Backward rows in the lane-per-b layout (the tensor-core backward, see the header): a row's
 // gradient g (D = 64 floats) in a per-warp buffer that every lane reads whole.
 constexpr bool lane_per_b(bool bwd, bool mma) {
   return bwd && mma;
 }
+// Shared memory of one warp (floats): the P / Y buffer (tensor cores) or the transposed
+// T_0 slice, then the staging area, then (lane-per-b backward) the row's g. Seed shapes
+// (S2 = 128, D = 64, Q0 * R1 <= 128).
 constexpr int fast_warp_floats(bool bwd, bool mma) {
   return (mma ? kMmaRows * kPLd : 128) + stage_rows(mma) * 128 + (bwd ? stage_positions(mma) * 64 : 0) +
       (lane_per_b(bwd, mma) ? 64 : 0);
 }
 
-// Blocks per SM for the tensor-core kernels: the backward's shared memory allows 2 x 100 KB
+// Blocks per SM for the tensor-core kernels: the backward's shared memory allows 2 x 102 KB
 // (8 warps), registers are capped to match (128); the forward's would allow 5 x 42 KB (4
 // warps), but 96 registers spill, so 4 (126 registers). The FMA kernels keep the compiler's
 // choice (0).
