@@ -6,8 +6,17 @@
 #
 #   bash scripts/cuda_code_size.sh            # the 15 largest kernels
 #   TOP=40 bash scripts/cuda_code_size.sh
+#   LINES='fast_item_kernel<4, 32, 32, 4, true, true>' bash scripts/cuda_code_size.sh
 #
-# Environment: PYTHON (default .venv/bin/python, else python3), NVCC (default nvcc), TOP.
+# LINES (a regex on the demangled kernel name) adds, per matching kernel, its SASS instructions
+# per source line (file:line of the call site for inlined code, with the most frequent opcodes):
+# static counts, to be multiplied by trip counts by hand (benchmarks/NOTES.md, v16). It needs
+# nvdisasm (NVDISASM, else PATH, else beside nvcc); without a CUDA toolkit, the wheel has it:
+#   pip download --no-deps -d /tmp/w nvidia-cuda-nvdisasm && unzip -q /tmp/w/*.whl -d /tmp/w/x
+#   NVDISASM=$(find /tmp/w/x -name nvdisasm -type f) LINES=... bash scripts/cuda_code_size.sh
+#
+# Environment: PYTHON (default .venv/bin/python, else python3), NVCC (default nvcc), TOP, LINES,
+# NVDISASM.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -24,7 +33,7 @@ abi=$("$py" -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))")
 
 # shellcheck disable=SC2086
 "$nvcc_bin" -cubin "$src" -o "$tmp/tt.cubin" $includes -I"$tmp/stub" -Icsrc/include -std=c++17 \
-  --expt-relaxed-constexpr -O3 -gencode arch=compute_90,code=sm_90 -DTORCHREC_TT_WITH_CUDA \
+  --expt-relaxed-constexpr -O3 -lineinfo -gencode arch=compute_90,code=sm_90 -DTORCHREC_TT_WITH_CUDA \
   -D_GLIBCXX_USE_CXX11_ABI="$abi" -Xptxas -v 2>"$tmp/ptxas.log"
 
 "$py" - "$tmp/tt.cubin" "$tmp/ptxas.log" "${TOP:-15}" <<'EOF'
@@ -57,4 +66,42 @@ for sym, size in sorted(sizes.items(), key=lambda kv: -kv[1])[:top]:
     u = usage.get(sym, {})
     name = re.sub(r"torchrec_tt::(\(anonymous namespace\)::|cuda_detail::)?|cub::CUB_\w+::detail::", "", short[sym])
     print(f"{size / 1024:6.1f} {u.get('regs', '-'):>5} {u.get('spill', '-'):>6}  {name[:100]}")
+EOF
+
+[ -n "${LINES:-}" ] || exit 0
+nvdisasm_bin=${NVDISASM:-$(command -v nvdisasm || echo "$(dirname "$(command -v "$nvcc_bin")")/nvdisasm")}
+[ -x "$nvdisasm_bin" ] || { echo "cuda_code_size.sh: nvdisasm not found (set NVDISASM; see the header)" >&2; exit 1; }
+"$nvdisasm_bin" -c -gi "$tmp/tt.cubin" >"$tmp/tt.sass"
+"$py" - "$tmp/tt.sass" "$LINES" <<'EOF'
+import collections
+import re
+import subprocess
+import sys
+
+sass, pattern = sys.argv[1], re.compile(sys.argv[2])
+kernels, sym, where = {}, None, None
+for line in open(sass):
+    m = re.match(r"\.text\.(\S+):", line)
+    if m:
+        sym, where = m.group(1), None
+        kernels[sym] = collections.defaultdict(collections.Counter)
+        continue
+    m = re.search(r'File "([^"]*)", line (\d+)', line)
+    if m:
+        where = (m.group(1).split("/")[-1], int(m.group(2)))
+        continue
+    m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+    if m and sym:
+        kernels[sym][where][m.group(1)] += 1
+names = subprocess.run(["c++filt"], input="\n".join(kernels), capture_output=True, text=True).stdout.splitlines()
+for sym, name in zip(kernels, names):
+    if not pattern.search(name):
+        continue
+    per_line = kernels[sym]
+    print(f"\n{name}: {sum(sum(c.values()) for c in per_line.values())} instructions")
+    for where in sorted(per_line, key=lambda w: (w is None, w or ("", 0))):
+        ops = per_line[where]
+        top = ", ".join(f"{op} {n}" for op, n in ops.most_common(4))
+        label = f"{where[0]}:{where[1]}" if where else "(no line)"
+        print(f"  {label:28} {sum(ops.values()):5}  {top}")
 EOF
