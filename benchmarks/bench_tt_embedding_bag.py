@@ -108,6 +108,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="print torch.profiler tables (GPU kernels, then host time by op and CUDA API call) of the TT step "
         "for these BxL cases (comma list; bare --profile: the last case); cuda, first optimizer, first dist",
     )
+    ap.add_argument(
+        "--float32-matmul-precision",
+        choices=["highest", "high"],
+        default="highest",
+        help="torch.set_float32_matmul_precision for the run: high lets the TT kernels' tensor-core products take "
+        "one TF32 pass (~2^-10 relative error per product) instead of fp32-accurate 3xTF32 (cuda)",
+    )
     ap.add_argument("--out-dir", default=None, help="write results JSON + markdown (+ PNG plot) here")
     ap.add_argument("--tag", default=None, help="file name stem in --out-dir (default: date_gpu-name)")
     ap.add_argument("--seed", type=int, default=0, help="random seed")
@@ -304,6 +311,7 @@ def make_fbgemm(args, optimizer: str, device: str):
 def run(args) -> dict:
     device = args.device
     torch.manual_seed(args.seed)
+    torch.set_float32_matmul_precision(args.float32_matmul_precision)
     p, q, r = ints(args.p_shapes), ints(args.q_shapes), [1, *ints(args.ranks), 1]
     D = math.prod(q)
     index_dtype = torch.int64 if args.index_dtype == "int64" else torch.int32
@@ -332,6 +340,7 @@ def run(args) -> dict:
         "learning_rate": args.learning_rate,
         "naive_fwd_flops_per_lookup": fwd_flops,
         "cpu_threads": torch.get_num_threads(),
+        "float32_matmul_precision": args.float32_matmul_precision,
     }
     info["compression"] = args.num_embeddings * D / info["tt_params"]
     log.info("sparse: True, optimizers: %s, device: %s (%s)", args.optimizers, device, info["device"])
@@ -512,7 +521,8 @@ def markdown(res: dict) -> str:
         f"E={info['num_embeddings']:,}, D={info['D']}, p={info['p']}, q={info['q']}, ranks={info['ranks']} "
         f"({info['tt_params']:,} TT parameters, {info['compression']:.0f}x smaller than the dense table); "
         f"torch {info['torch']}, CUDA {info['cuda']}; {info['iters']} timed iterations (median), ids {info['index_dtype']}, "
-        f"Zipf alpha {info['zipf_alpha']}. One iteration = forward + backward + optimizer step. "
+        f"Zipf alpha {info['zipf_alpha']}, float32 matmul precision "
+        f"{info.get('float32_matmul_precision', 'highest')}. One iteration = forward + backward + optimizer step. "
         f"FBGEMM TBE: {info['fbgemm_tbe']}.",
         "",
         "| optimizer | ids | B | L | TT us/nnz | TT graph us/nnz | dense us/nnz | TT / dense | FBTT (H200) us/nnz "

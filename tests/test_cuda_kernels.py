@@ -27,6 +27,7 @@ Run on the GPU machine: ``scripts/gpu_run.sh`` (or ``pytest -m gpu``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -524,6 +525,108 @@ def test_fast_kernels_other_mma_modes(mma):
         "(matches_reference or many_rows or long_runs or fused or deterministic or graph or one_hot) and not mma",
         TORCHREC_TT_CUDA_MMA=mma,
     )
+
+
+# --------------------------------------------------------------------------- TF32 matmul precision
+@contextlib.contextmanager
+def _float32_matmul_precision(value: str):
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(value)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+# Fast-path shapes: one item per warp slot, many rows per item, core-1 runs across chunks.
+TF32_SHAPES = [SHAPES[4], MANY_ROWS_FAST, LONG_CORE1_FAST]
+
+
+def _assert_within_tf32_bound(out, ref, ref_abs, what):
+    # One-pass TF32 products round both operands to 10 mantissa bits (relative error 2^-11
+    # each): a product chain's error is at most ~2^-10 of the same chain over absolute
+    # values, plus fp32 rounding. 2^-9 leaves room for the fp32 part.
+    _assert_within(out, ref, 2.0**-9 * ref_abs, what)
+
+
+def _assert_within(out, ref, bound, what):
+    err = (out.double().cpu() - ref).abs()
+    assert bool((err <= bound + 1e-30).all()), (what, float((err / (bound + 1e-30)).max()))
+
+
+@pytest.mark.parametrize("shape", TF32_SHAPES, ids=lambda s: f"p{s[0]}")
+def test_tf32_precision_within_bound_and_deterministic(shape):
+    """Under torch's "high" float32 matmul precision the fast kernels' tensor-core products
+    take one TF32 pass: forward and core gradients stay within the TF32 error bound of the
+    float64 oracle (elementwise, against the oracle over absolute values), differ from the
+    fp32-accurate results (TF32 took effect) and repeat bit for bit."""
+    p, q, ranks, n, cores, ids, offsets, w, g, mode = _grad_case(shape, ids=None, lengths=[5, 0, 40, 3, 64, 1] * 20)
+    args = (ids.to(DEV), offsets.to(DEV), w.to(DEV, torch.float32), p, q, ranks, n, mode)
+    dev_cores, dev_g = to_dev(cores, torch.float32), g.to(DEV, torch.float32)
+    abs_cores, abs_w = [c.abs() for c in cores], w.abs()
+    ref_out = reference.tt_embedding_bag_forward(cores, ids, offsets, w, p, q, ranks, n, mode)
+    abs_out = reference.tt_embedding_bag_forward(abs_cores, ids, offsets, abs_w, p, q, ranks, n, mode)
+    ref_grads = reference.tt_embedding_bag_backward(g, cores, ids, offsets, w, p, q, ranks, n, mode)
+    abs_grads = reference.tt_embedding_bag_backward(g.abs(), abs_cores, ids, offsets, abs_w, p, q, ranks, n, mode)
+    exact = [tt.tt_embedding_bag_forward(dev_cores, *args), *tt.tt_embedding_bag_backward(dev_g, dev_cores, *args)]
+    with _float32_matmul_precision("high"):
+        runs = [
+            [tt.tt_embedding_bag_forward(dev_cores, *args), *tt.tt_embedding_bag_backward(dev_g, dev_cores, *args)]
+            for _ in range(2)
+        ]
+    for k, (a, b, ref, ref_abs) in enumerate(
+        zip(runs[0], runs[1], [ref_out, *ref_grads], [abs_out, *abs_grads], strict=True)
+    ):
+        _assert_within_tf32_bound(a, ref, ref_abs, k)
+        assert torch.equal(a, b), k
+    # the forward's products and all three core gradients (core 2's through P) are TF32 ones
+    for k, (a, e) in enumerate(zip(runs[0], exact, strict=True)):
+        assert not torch.equal(a, e), k
+
+
+@pytest.mark.parametrize("optimizer", [0, 1])
+def test_tf32_precision_fused_update(optimizer):
+    # The fused update applies the TF32 gradient: SGD / Adagrad within the bound around the
+    # float64 oracle's step (Adagrad: its step is lr g / sqrt(state + g^2), state > 0.1 here).
+    p, q, ranks, n = LONG_CORE1_FAST
+    cores = make_cores(p, q, ranks)
+    ids, offsets = _skewed_bags(n, 4000, 200, "zipf")
+    g = torch.randn(offsets.numel() - 1, math.prod(q), dtype=torch.float64)
+    state = [] if optimizer == 0 else [torch.rand_like(c) + 0.1 for c in cores]
+    ref_cores, ref_state = [c.clone() for c in cores], [s.clone() for s in state]
+    reference.tt_embedding_bag_backward_fused_(
+        g, ref_cores, ref_state, ids, offsets, None, p, q, ranks, n, 0, optimizer, 0.05, 1e-8
+    )
+    abs_grads = reference.tt_embedding_bag_backward(
+        g.abs(), [c.abs() for c in cores], ids, offsets, None, p, q, ranks, n, 0
+    )
+    dev_cores, dev_state = to_dev(cores, torch.float32), [s.to(DEV, torch.float32) for s in state]
+    with _float32_matmul_precision("high"):
+        tt.tt_embedding_bag_backward_fused_(
+            g.to(DEV, torch.float32),
+            dev_cores,
+            dev_state,
+            ids.to(DEV),
+            offsets.to(DEV),
+            None,
+            p,
+            q,
+            ranks,
+            n,
+            0,
+            optimizer,
+            0.05,
+            1e-8,
+        )
+    for k in range(len(p)):
+        delta_ref = ref_cores[k] - cores[k]
+        delta = dev_cores[k].double().cpu() - cores[k].float().double()
+        # A gradient error e (|e| <= 2^-9 |grad| over absolute values) moves an SGD step by lr e,
+        # an Adagrad step lr g / sqrt(s + g^2) by at most 2 lr e / sqrt(s) (s >= 0.1 here); plus
+        # the fp32 rounding of the updated core.
+        factor = 1.0 if optimizer == 0 else 2.0 / 0.1**0.5
+        bound = 0.05 * factor * 2.0**-9 * abs_grads[k] + 2e-7 * cores[k].abs()
+        _assert_within(delta, delta_ref, bound, k)
 
 
 # --------------------------------------------------------------------------- cub's sort for every batch

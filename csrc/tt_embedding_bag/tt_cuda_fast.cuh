@@ -178,9 +178,15 @@ struct Tf32Pair {
   uint32_t hi, lo;
 };
 
+// x = hi + lo in TF32 parts; with TF32 (one-pass products, see mma_3xtf32) only hi is used.
+template <bool TF32>
 __device__ __forceinline__ Tf32Pair split_tf32(float x) {
   const uint32_t hi = to_tf32(x);
-  return {hi, to_tf32(x - __uint_as_float(hi))};
+  if constexpr (TF32) {
+    return {hi, 0u};
+  } else {
+    return {hi, to_tf32(x - __uint_as_float(hi))};
+  }
 }
 
 // d += A B for one m16n8k8 tile: a = {(g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4)},
@@ -195,21 +201,25 @@ __device__ __forceinline__ void mma_tf32(
 }
 
 // A B to fp32 accuracy, as big + small: big += A_hi B_hi, small += A_lo B_hi + A_hi B_lo
-// (two accumulators: shorter chains of dependent mma instructions).
+// (two accumulators: shorter chains of dependent mma instructions). With TF32 (torch's
+// "high" float32 matmul precision, see tf32_products in tt_embedding_bag_cuda.cu) one pass:
+// big += A_hi B_hi, small untouched; relative error ~2^-10 per product instead of ~2^-22.
+template <bool TF32>
 __device__ __forceinline__ void mma_3xtf32(
     float (&big)[4], float (&small)[4], const Tf32Pair (&a)[4], Tf32Pair b0, Tf32Pair b1) {
-  mma_tf32(small, a[0].lo, a[1].lo, a[2].lo, a[3].lo, b0.hi, b1.hi);
+  if constexpr (!TF32) mma_tf32(small, a[0].lo, a[1].lo, a[2].lo, a[3].lo, b0.hi, b1.hi);
   mma_tf32(big, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b0.hi, b1.hi);
-  mma_tf32(small, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b0.lo, b1.lo);
+  if constexpr (!TF32) mma_tf32(small, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b0.lo, b1.lo);
 }
 
 // The same in three independent accumulators (no dependent mma instructions in one call):
 // big += A_hi B_hi, lo_a += A_lo B_hi, lo_b += A_hi B_lo; the product is big + (lo_a + lo_b).
+template <bool TF32>
 __device__ __forceinline__ void mma_3xtf32_split(
     float (&big)[4], float (&lo_a)[4], float (&lo_b)[4], const Tf32Pair (&a)[4], Tf32Pair b0, Tf32Pair b1) {
-  mma_tf32(lo_a, a[0].lo, a[1].lo, a[2].lo, a[3].lo, b0.hi, b1.hi);
+  if constexpr (!TF32) mma_tf32(lo_a, a[0].lo, a[1].lo, a[2].lo, a[3].lo, b0.hi, b1.hi);
   mma_tf32(big, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b0.hi, b1.hi);
-  mma_tf32(lo_b, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b0.lo, b1.lo);
+  if constexpr (!TF32) mma_tf32(lo_b, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b0.lo, b1.lo);
 }
 
 // Position of float4 `f` of a staged G_2 slice: lane l reads float4s 4(l % 8) + c,
@@ -224,7 +234,7 @@ __device__ __forceinline__ int g2_swizzle(int f) {
 // af: the A fragments of the stacked T_0, per k-step of 8. Column map: n-tile 4 ag + q,
 // column nn <-> P column 32 ag + 4 nn + q, so a lane's B fragments of four tiles are one
 // float4 of G_1 and its results two float4s of a row of P.
-template <int R1, int N1>
+template <int R1, int N1, bool TF32>
 __device__ __forceinline__ void mma_prefix_product(
     const Tf32Pair (&af)[R1 / 8][4], bool lo_in, bool hi_in, const float* g1, float* pys, int lane) {
   const int g = lane >> 2, t = lane & 3;
@@ -235,15 +245,17 @@ __device__ __forceinline__ void mma_prefix_product(
     for (int s = 0; s < R1 / 8; ++s) {
       const float4 b0 = __ldg(reinterpret_cast<const float4*>(g1 + (8 * s + t) * N1 + 32 * ag + 4 * g));
       const float4 b1 = __ldg(reinterpret_cast<const float4*>(g1 + (8 * s + t + 4) * N1 + 32 * ag + 4 * g));
-      mma_3xtf32(d[0], e[0], af[s], split_tf32(b0.x), split_tf32(b1.x));
-      mma_3xtf32(d[1], e[1], af[s], split_tf32(b0.y), split_tf32(b1.y));
-      mma_3xtf32(d[2], e[2], af[s], split_tf32(b0.z), split_tf32(b1.z));
-      mma_3xtf32(d[3], e[3], af[s], split_tf32(b0.w), split_tf32(b1.w));
+      mma_3xtf32<TF32>(d[0], e[0], af[s], split_tf32<TF32>(b0.x), split_tf32<TF32>(b1.x));
+      mma_3xtf32<TF32>(d[1], e[1], af[s], split_tf32<TF32>(b0.y), split_tf32<TF32>(b1.y));
+      mma_3xtf32<TF32>(d[2], e[2], af[s], split_tf32<TF32>(b0.z), split_tf32<TF32>(b1.z));
+      mma_3xtf32<TF32>(d[3], e[3], af[s], split_tf32<TF32>(b0.w), split_tf32<TF32>(b1.w));
     }
+    if constexpr (!TF32) {
 #pragma unroll
-    for (int q = 0; q < 4; ++q)
+      for (int q = 0; q < 4; ++q)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) d[q][i] += e[q][i];
+        for (int i = 0; i < 4; ++i) d[q][i] += e[q][i];
+    }
     if (lo_in) {
       float* row = pys + g * kPLd + 32 * ag + 8 * t;
       *reinterpret_cast<float4*>(row) = make_float4(d[0][0], d[1][0], d[2][0], d[3][0]);
@@ -261,7 +273,7 @@ __device__ __forceinline__ void mma_prefix_product(
 // dt_lo[r] (row g) and dt_hi[r] (row g + 8), r < R1. K map: k-step 2j (2j + 1), slot t
 // and t + 4 <-> columns 16j + 4t + 0 and + 1 (+ 2 and + 3): a lane's fragments of two
 // k-steps are one float4 of a Y row and one of a G_1 row.
-template <int R1, int N1>
+template <int R1, int N1, bool TF32>
 __device__ __forceinline__ void mma_prefix_grad(
     bool lo_in, bool hi_in, const float* g1, const float* pys, float* dt_lo, float* dt_hi, int lane) {
   const int g = lane >> 2, t = lane & 3;
@@ -271,19 +283,21 @@ __device__ __forceinline__ void mma_prefix_grad(
   for (int j = 0; j < N1 / 16; ++j) {
     const float4 y0 = *reinterpret_cast<const float4*>(pys + g * kPLd + 16 * j + 4 * t);
     const float4 y1 = *reinterpret_cast<const float4*>(pys + (g + 8) * kPLd + 16 * j + 4 * t);
-    const Tf32Pair ae[4] = {split_tf32(y0.x), split_tf32(y1.x), split_tf32(y0.y), split_tf32(y1.y)};
-    const Tf32Pair ao[4] = {split_tf32(y0.z), split_tf32(y1.z), split_tf32(y0.w), split_tf32(y1.w)};
+    const Tf32Pair ae[4] = {split_tf32<TF32>(y0.x), split_tf32<TF32>(y1.x), split_tf32<TF32>(y0.y), split_tf32<TF32>(y1.y)};
+    const Tf32Pair ao[4] = {split_tf32<TF32>(y0.z), split_tf32<TF32>(y1.z), split_tf32<TF32>(y0.w), split_tf32<TF32>(y1.w)};
 #pragma unroll
     for (int nt = 0; nt < R1 / 8; ++nt) {
       const float4 bv = __ldg(reinterpret_cast<const float4*>(g1 + (8 * nt + g) * N1 + 16 * j + 4 * t));
-      mma_3xtf32(d[nt][0], e[nt][0], ae, split_tf32(bv.x), split_tf32(bv.y));
-      mma_3xtf32(d[nt][1], e[nt][1], ao, split_tf32(bv.z), split_tf32(bv.w));
+      mma_3xtf32<TF32>(d[nt][0], e[nt][0], ae, split_tf32<TF32>(bv.x), split_tf32<TF32>(bv.y));
+      mma_3xtf32<TF32>(d[nt][1], e[nt][1], ao, split_tf32<TF32>(bv.z), split_tf32<TF32>(bv.w));
     }
   }
 #pragma unroll
   for (int nt = 0; nt < R1 / 8; ++nt)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) d[nt][0][i] = (d[nt][0][i] + d[nt][1][i]) + (e[nt][0][i] + e[nt][1][i]);
+    for (int i = 0; i < 4; ++i) {
+      d[nt][0][i] = TF32 ? d[nt][0][i] + d[nt][1][i] : (d[nt][0][i] + d[nt][1][i]) + (e[nt][0][i] + e[nt][1][i]);
+    }
 #pragma unroll
   for (int nt = 0; nt < R1 / 8; ++nt) {
     if (lo_in) *reinterpret_cast<float2*>(dt_lo + 8 * nt + 2 * t) = make_float2(d[nt][0][0], d[nt][0][1]);
@@ -305,7 +319,7 @@ static_assert(stack_offset(2, 0, 0, 0) == kStackFloats, "A stack layout");
 
 // The warp's stack: lane (g, t) loads the 16 values of its fragments straight from core 0
 // (k-row 8 sl + 4 u + t is row j0 = t of slot 2 sl + u; columns g, g + 8, g + 16, g + 24).
-template <int R1, int S0>
+template <int R1, int S0, bool TF32>
 __device__ __forceinline__ void store_t0_stack(const float* c0, int d0_slot, int nslots, float* stack, int lane) {
   const int g = lane >> 2, t = lane & 3;
   float v[4][4];  // [slot][m-column: g, g + 8, g + 16, g + 24]
@@ -321,10 +335,12 @@ __device__ __forceinline__ void store_t0_stack(const float* c0, int d0_slot, int
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) {
       // (a0, a1, a2, a3) = (slot 2sl, col m), (2sl, m + 8), (2sl + 1, m), (2sl + 1, m + 8), m = 16 mt + g
-      const Tf32Pair p[4] = {split_tf32(v[2 * sl][2 * mt]), split_tf32(v[2 * sl][2 * mt + 1]),
-                             split_tf32(v[2 * sl + 1][2 * mt]), split_tf32(v[2 * sl + 1][2 * mt + 1])};
+      const Tf32Pair p[4] = {split_tf32<TF32>(v[2 * sl][2 * mt]), split_tf32<TF32>(v[2 * sl][2 * mt + 1]),
+                             split_tf32<TF32>(v[2 * sl + 1][2 * mt]), split_tf32<TF32>(v[2 * sl + 1][2 * mt + 1])};
       *reinterpret_cast<uint4*>(stack + stack_offset(sl, 0, mt, lane)) = make_uint4(p[0].hi, p[1].hi, p[2].hi, p[3].hi);
-      *reinterpret_cast<uint4*>(stack + stack_offset(sl, 1, mt, lane)) = make_uint4(p[0].lo, p[1].lo, p[2].lo, p[3].lo);
+      if constexpr (!TF32) {
+        *reinterpret_cast<uint4*>(stack + stack_offset(sl, 1, mt, lane)) = make_uint4(p[0].lo, p[1].lo, p[2].lo, p[3].lo);
+      }
     }
 }
 
@@ -336,7 +352,7 @@ __device__ __forceinline__ void store_t0_stack(const float* c0, int d0_slot, int
 // (slot t + 4). N map: n-tile nt, column nn <-> column 16 w + 2 nn + nt, so a lane's B
 // fragments of both tiles are one float2 of a Y row and its results one float4 of each of its
 // 4 rows of G.
-template <int R1, int N1, int NW, int WF>
+template <int R1, int N1, int NW, int WF, bool TF32>
 __device__ void fused_core1_sums(
     const ReduceArgs<float, float>& r, const float* smem, const int* sd1, int blk, int nb, float* red, int lane, int wid) {
   static_assert(R1 == 32 && N1 == 16 * NW && kMmaRows * kPLd + kStackFloats <= WF, "fused core-1 shapes");
@@ -359,7 +375,8 @@ __device__ void fused_core1_sums(
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
         const uint4 hi = *reinterpret_cast<const uint4*>(st + stack_offset(s & 1, 0, mt, lane));
-        const uint4 lo = *reinterpret_cast<const uint4*>(st + stack_offset(s & 1, 1, mt, lane));
+        const uint4 lo = TF32 ? make_uint4(0u, 0u, 0u, 0u)  // one-pass products: no lo part stored
+                              : *reinterpret_cast<const uint4*>(st + stack_offset(s & 1, 1, mt, lane));
         af[mt][0] = {hi.x, lo.x};
         af[mt][1] = {hi.y, lo.y};
         af[mt][2] = {hi.z, lo.z};
@@ -374,11 +391,11 @@ __device__ void fused_core1_sums(
       const float2 zero = make_float2(0.f, 0.f);
       const float2 y0 = in0 ? *reinterpret_cast<const float2*>(ys + lr * kPLd + 16 * wid + 2 * g) : zero;
       const float2 y1 = in1 ? *reinterpret_cast<const float2*>(ys + (lr + 4) * kPLd + 16 * wid + 2 * g) : zero;
-      const Tf32Pair b00 = split_tf32(y0.x), b01 = split_tf32(y1.x), b10 = split_tf32(y0.y), b11 = split_tf32(y1.y);
+      const Tf32Pair b00 = split_tf32<TF32>(y0.x), b01 = split_tf32<TF32>(y1.x), b10 = split_tf32<TF32>(y0.y), b11 = split_tf32<TF32>(y1.y);
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
-        mma_3xtf32_split(d[mt][0], e[mt][0], f[mt][0], af[mt], b00, b01);
-        mma_3xtf32_split(d[mt][1], e[mt][1], f[mt][1], af[mt], b10, b11);
+        mma_3xtf32_split<TF32>(d[mt][0], e[mt][0], f[mt][0], af[mt], b00, b01);
+        mma_3xtf32_split<TF32>(d[mt][1], e[mt][1], f[mt][1], af[mt], b10, b11);
       }
     }
     float v[16];
@@ -389,7 +406,7 @@ __device__ void fused_core1_sums(
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const int nt = c & 1, i = 2 * h + (c >> 1);  // column 4t + c: tile nt, fragment element i
-          v[8 * mt + 4 * h + c] = d[mt][nt][i] + (e[mt][nt][i] + f[mt][nt][i]);
+          v[8 * mt + 4 * h + c] = TF32 ? d[mt][nt][i] : d[mt][nt][i] + (e[mt][nt][i] + f[mt][nt][i]);
         }
     const bool gstart = sd1[ra] != dg, gend = sd1[1 + rb] != dg;
     if (gstart && gend) {
@@ -406,7 +423,7 @@ __device__ void fused_core1_sums(
   }
 }
 
-template <int Q0, int R1, int R2, int Q2, bool BWD, bool MMA>
+template <int Q0, int R1, int R2, int Q2, bool BWD, bool MMA, bool TF32>
 __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD, MMA))
     tt_fast_item_kernel(const FastArgs a) {
   constexpr int N1 = 128;       // q1 * r2
@@ -426,6 +443,7 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
       "smem plan");
   static_assert(!LANE_B || (R2 == 32 && Q1 == 4), "lane-per-b shapes");
   static_assert(!MMA || (kFastItemsPerWarp * Q0 == kMmaRows && R1 <= kTLd && N1 % 32 == 0), "tensor-core shapes");
+  static_assert(MMA || !TF32, "one-pass TF32 products are tensor-core products");
   constexpr unsigned kAll = 0xffffffffu;
   constexpr int NW = fast_warps(BWD, MMA);
   constexpr bool FUSED = BWD && MMA;  // core 1's sums in this kernel
@@ -541,14 +559,14 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
         Tf32Pair af[R1 / 8][4];
 #pragma unroll
         for (int s = 0; s < R1 / 8; ++s) {
-          af[s][0] = split_tf32(ts[g * kTLd + 8 * s + t]);
-          af[s][1] = split_tf32(ts[(g + 8) * kTLd + 8 * s + t]);
-          af[s][2] = split_tf32(ts[g * kTLd + 8 * s + t + 4]);
-          af[s][3] = split_tf32(ts[(g + 8) * kTLd + 8 * s + t + 4]);
+          af[s][0] = split_tf32<TF32>(ts[g * kTLd + 8 * s + t]);
+          af[s][1] = split_tf32<TF32>(ts[(g + 8) * kTLd + 8 * s + t]);
+          af[s][2] = split_tf32<TF32>(ts[g * kTLd + 8 * s + t + 4]);
+          af[s][3] = split_tf32<TF32>(ts[(g + 8) * kTLd + 8 * s + t + 4]);
         }
         __syncwarp();
         for_each_run([&](const float* g1r, bool lo_in, bool hi_in) {
-          mma_prefix_product<R1, N1>(af, lo_in, hi_in, g1r, pys, lane);
+          mma_prefix_product<R1, N1, TF32>(af, lo_in, hi_in, g1r, pys, lane);
         });
         __syncwarp();
       }
@@ -775,13 +793,13 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
     float* const dt_lo = a.dtbuf0 + static_cast<int64_t>(it0 + g / Q0) * S0 + (g % Q0) * R1;
     float* const dt_hi = a.dtbuf0 + static_cast<int64_t>(it0 + (g + 8) / Q0) * S0 + ((g + 8) % Q0) * R1;
     for_each_run([&](const float* g1r, bool lo_in, bool hi_in) {
-      mma_prefix_grad<R1, N1>(lo_in, hi_in, g1r, pys, dt_lo, dt_hi, lane);
+      mma_prefix_grad<R1, N1, TF32>(lo_in, hi_in, g1r, pys, dt_lo, dt_hi, lane);
     });
     // the A operand of the core-1 sums into the warp's staging area, which it is done with
-    store_t0_stack<R1, S0>(a.c0, d0_slot, nslots, g2s, lane);
+    store_t0_stack<R1, S0, TF32>(a.c0, d0_slot, nslots, g2s, lane);
     __syncthreads();
     const int blk = blockIdx.x, s0 = blk * kFusedItems;
-    fused_core1_sums<R1, N1, NW, fast_warp_floats(BWD, MMA)>(
+    fused_core1_sums<R1, N1, NW, fast_warp_floats(BWD, MMA), TF32>(
         a.r1, fast_smem, sd1, blk, min(kFusedItems, nitems - s0), sred, lane, wid);
   }
 }
