@@ -12,7 +12,9 @@ run in float64 on the CPU; on top of it:
 * the fused optimizers (SGD, Adagrad, row-wise Adagrad) against the reference step;
 * bitwise determinism (same inputs twice -> same bits);
 * the fast kernels with and without tensor cores (``TORCHREC_TT_CUDA_MMA=0`` and ``=1``
-  in subprocesses);
+  in subprocesses), and their one-pass TF32 products under
+  ``torch.set_float32_matmul_precision("high")`` (elementwise within the TF32 error bound of the
+  float64 oracle, different from the fp32-accurate results, deterministic);
 * the one-launch sort of batches up to 64 tiles at the tile edges, and cub's sort path
   (``TORCHREC_TT_CUDA_GRID_SORT=0``, in a subprocess) giving the same bits;
 * a training step (forward + backward with the fused optimizer) captured in a
@@ -601,23 +603,9 @@ def test_tf32_precision_fused_update(optimizer):
         g.abs(), [c.abs() for c in cores], ids, offsets, None, p, q, ranks, n, 0
     )
     dev_cores, dev_state = to_dev(cores, torch.float32), [s.to(DEV, torch.float32) for s in state]
+    batch = (ids.to(DEV), offsets.to(DEV), None, p, q, ranks, n, 0, optimizer, 0.05, 1e-8)
     with _float32_matmul_precision("high"):
-        tt.tt_embedding_bag_backward_fused_(
-            g.to(DEV, torch.float32),
-            dev_cores,
-            dev_state,
-            ids.to(DEV),
-            offsets.to(DEV),
-            None,
-            p,
-            q,
-            ranks,
-            n,
-            0,
-            optimizer,
-            0.05,
-            1e-8,
-        )
+        tt.tt_embedding_bag_backward_fused_(g.to(DEV, torch.float32), dev_cores, dev_state, *batch)
     for k in range(len(p)):
         delta_ref = ref_cores[k] - cores[k]
         delta = dev_cores[k].double().cpu() - cores[k].float().double()
