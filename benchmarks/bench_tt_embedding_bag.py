@@ -112,8 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--float32-matmul-precision",
         choices=["highest", "high"],
         default="highest",
-        help="torch.set_float32_matmul_precision for the run: high lets the TT kernels' tensor-core products take "
-        "one TF32 pass (~2^-10 relative error per product) instead of fp32-accurate 3xTF32 (cuda)",
+        help="torch.set_float32_matmul_precision for the run: high lets the TT backward kernel's tensor-core "
+        "products take one TF32 pass (~2^-10 relative error per product) instead of fp32-accurate 3xTF32 (cuda)",
     )
     ap.add_argument("--out-dir", default=None, help="write results JSON + markdown (+ PNG plot) here")
     ap.add_argument("--tag", default=None, help="file name stem in --out-dir (default: date_gpu-name)")

@@ -11,6 +11,7 @@
 #   BENCH_ARGS     extra arguments of benchmarks/bench_tt_embedding_bag.py
 #   SKIP_TESTS=1 / SKIP_BENCH=1   leave a stage out
 #   SKIP_KERNEL_TESTS=1           leave out tests/test_cuda_kernels.py (the other GPU tests still run)
+#   SKIP_OTHER_TESTS=1            leave out the other GPU test files (tests/test_cuda_kernels.py still runs)
 #   RUN_NCCL_CHECK=1              run the multi-GPU hook below (when >= 2 GPUs)
 #   RUN_CACHE_BENCH=1             run benchmarks/bench_tt_cache.py (args: CACHE_BENCH_ARGS)
 #   RUN_HOST_BENCH=1              run benchmarks/bench_host_overhead.py (host time per part of a step)
@@ -60,14 +61,16 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     summary=$(grep -E "passed|failed|error" "$out/pytest.log" | tail -1)
     status+=("CUDA kernel tests (pytest -m gpu tests/test_cuda_kernels.py): rc=$rc ${summary}")
   fi
-  stamp "pytest -m gpu (the other test files)"
-  # shellcheck disable=SC2086
-  "$py" -m pytest -m gpu -p no:cacheprovider ${PYTEST_ARGS:--q} tests --ignore=tests/test_cuda_kernels.py 2>&1 \
-    | tee "$out/pytest_other.log"
-  rc=${PIPESTATUS[0]}
-  summary=$(grep -E "passed|failed|error|no tests ran" "$out/pytest_other.log" | tail -1)
-  [ "$rc" = 5 ] && rc=0  # no GPU tests collected there
-  status+=("other GPU tests (pytest -m gpu tests): rc=$rc ${summary}")
+  if [ "${SKIP_OTHER_TESTS:-0}" != 1 ]; then
+    stamp "pytest -m gpu (the other test files)"
+    # shellcheck disable=SC2086
+    "$py" -m pytest -m gpu -p no:cacheprovider ${PYTEST_ARGS:--q} tests --ignore=tests/test_cuda_kernels.py 2>&1 \
+      | tee "$out/pytest_other.log"
+    rc=${PIPESTATUS[0]}
+    summary=$(grep -E "passed|failed|error|no tests ran" "$out/pytest_other.log" | tail -1)
+    [ "$rc" = 5 ] && rc=0  # no GPU tests collected there
+    status+=("other GPU tests (pytest -m gpu tests): rc=$rc ${summary}")
+  fi
 fi
 
 # ---------------------------------------------------------------- multi-GPU check

@@ -43,8 +43,7 @@
 // The forward leaves its sorted batch for the backward of the same tensors (step 1-3
 // done once per training step). Environment: TORCHREC_TT_CUDA_FAST=0 (generic kernels
 // only), TORCHREC_TT_CUDA_REUSE=0 (no forward -> backward reuse), TORCHREC_TT_CUDA_MMA
-// (tensor cores in the fast item kernels: bwd, fwd, 1 (both) or 0; unset: the backward, and
-// the forward under TF32 matmul precision, see tf32_products),
+// (tensor cores in the fast item kernels: bwd (default), fwd, 1 (both) or 0),
 // TORCHREC_TT_CUDA_STREAMS=0 (the backward on one stream), TORCHREC_TT_CUDA_SORT_TILE=0
 // (cub's own tile in step 2), TORCHREC_TT_CUDA_GRID_SORT=0 (cub's sort for every batch).
 #include <ATen/ATen.h>
@@ -1129,15 +1128,13 @@ bool env_switch_on(const char* name) {
   return !(e != nullptr && std::strcmp(e, "0") == 0);
 }
 
-// Tensor cores in the fast kernels (tt_cuda_fast.cuh), TORCHREC_TT_CUDA_MMA: unset (-1, the
-// default): the backward item kernel, and the forward too where its products may be one-pass
-// TF32 (tf32_products); with fp32-accurate (3xTF32) products the forward is faster without them
-// (benchmarks/NOTES.md, v8). bwd: the backward only; fwd: the forward only; 1: both; 0: neither
-// (FMA kernels). Bit 1: forward, bit 2: backward.
+// Tensor cores in the fast kernels (tt_cuda_fast.cuh), TORCHREC_TT_CUDA_MMA: bwd (the default):
+// the backward item kernel only; fwd: the forward only; 1: both; 0: neither (FMA kernels).
+// The forward is faster without them (benchmarks/NOTES.md, v8; with one-pass TF32 products
+// no faster, v17). Bit 1: forward, bit 2: backward.
 int mma_mode() {
   const char* e = std::getenv("TORCHREC_TT_CUDA_MMA");
-  if (e == nullptr) return -1;
-  if (std::strcmp(e, "bwd") == 0) return 2;
+  if (e == nullptr || std::strcmp(e, "bwd") == 0) return 2;
   if (std::strcmp(e, "1") == 0) return 3;
   if (std::strcmp(e, "0") == 0) return 0;
   if (std::strcmp(e, "fwd") == 0) return 1;
@@ -1578,10 +1575,12 @@ FastArgs fast_args(const std::vector<at::Tensor>& cores, const Batch& bt) {
   return f;
 }
 
-// Whether the fast kernels' tensor-core products may be one-pass TF32 (relative error ~2^-10
-// per product) instead of fp32-accurate 3xTF32: torch's float32 matmul precision, as for its
-// own cuBLAS matmuls (torch.set_float32_matmul_precision("high") or
-// torch.backends.cuda.matmul.fp32_precision = "tf32"; not inside at::NoTF32Guard).
+// Whether the fast backward kernel's tensor-core products may be one-pass TF32 (relative error
+// ~2^-10 per product) instead of fp32-accurate 3xTF32: torch's float32 matmul precision, as for
+// its own cuBLAS matmuls (torch.set_float32_matmul_precision("high") or
+// torch.backends.cuda.matmul.fp32_precision = "tf32"; not inside at::NoTF32Guard). The forward
+// keeps fp32-accurate products (on tensor cores too, TORCHREC_TT_CUDA_MMA=fwd): one pass made its
+// kernel no faster (benchmarks/NOTES.md, v17), and lookups stay exact to fp32 rounding.
 // torch >= 2.10 reads the setting per backend (its legacy getter, allowTF32CuBLAS, raises once
 // only the new API has set it); older releases have the legacy one only.
 bool tf32_products() {
@@ -1595,10 +1594,8 @@ bool tf32_products() {
 }
 
 // Whether the fast backward (bwd) or forward item kernel runs on tensor cores (mma_mode).
-bool fast_mma(bool bwd, bool tf32) {
-  const int mode = switches().mma;
-  if (mode < 0) return bwd || tf32;
-  return (mode & (bwd ? 2 : 1)) != 0;
+bool fast_mma(bool bwd) {
+  return (switches().mma & (bwd ? 2 : 1)) != 0;
 }
 
 template <bool BWD>
@@ -1609,11 +1606,12 @@ void launch_fast_items(const char* op, const FastArgs& f, int64_t max_items, int
     prepare_smem(op, kernel, bytes, device);
     kernel<<<grid_1d(max_items, warps * kFastItemsPerWarp), warps * 32, bytes, stream>>>(f);
   };
-  const bool tf32 = tf32_products();
-  if (!fast_mma(BWD, tf32)) {
+  bool tf32 = false;  // one-pass TF32 products: the backward only (tf32_products)
+  if constexpr (BWD) tf32 = tf32_products();
+  if (!fast_mma(BWD)) {
     launch(tt_fast_item_kernel<4, 32, 32, 4, BWD, false, false>, false);
-  } else if (tf32) {
-    launch(tt_fast_item_kernel<4, 32, 32, 4, BWD, true, true>, true);
+  } else if (tf32) {  // BWD: the forward has no one-pass kernel
+    launch(tt_fast_item_kernel<4, 32, 32, 4, BWD, true, BWD>, true);
   } else {
     launch(tt_fast_item_kernel<4, 32, 32, 4, BWD, true, false>, true);
   }
@@ -2060,7 +2058,7 @@ void run_backward(
   if constexpr (std::is_same_v<scalar_t, float>) {
     fast = fast_path_ok(t, cores, go.const_data_ptr());
   }
-  const bool fused1 = fast && fast_mma(true, tf32_products());
+  const bool fused1 = fast && fast_mma(true);
   for (int k = 0; k < L; ++k) {
     if (!(fused1 && k == 1)) ar.add(&dtbuf[k], bt.max_items * int64_t{t.Q[k]} * t.n[k]);
     if (k >= 1 && !(fast && k == 1)) ar.add(&tbuf[k], bt.max_items * int64_t{t.Q[k]} * t.r[k]);
