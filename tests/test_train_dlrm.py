@@ -58,8 +58,10 @@ def test_precedence_defaults_yaml_cli(tmp_path):
 def test_cli_value_syntax():
     cfg = parse_config(
         ["--tt_ranks", "4", "6", "--progress_bar", "no", "--eval_batch_size", "none",
-         "--tt_table_shapes", "{cat_2: {tt_p_shapes: [10, 10, 10]}}", "--num_embeddings_per_feature", "1_000,20"]
+         "--tt_table_shapes", "{cat_2: {tt_p_shapes: [10, 10, 10]}}", "--num_embeddings_per_feature", "1_000,20",
+         "--float32_matmul_precision", "high"]
     )
+    assert cfg.train.float32_matmul_precision == "high"
     assert cfg.model.tt_ranks == [4, 6]
     assert cfg.train.progress_bar is False
     assert cfg.data.eval_batch_size is None
@@ -80,6 +82,7 @@ def test_cli_value_syntax():
         ({"train_steps": 0}, "synthetic stream is infinite"),
         ({"tt_cache_fraction": 1.5}, "tt_cache_fraction"),
         ({"tt_cache_eviction_policy": "lru"}, "tt_cache_eviction_policy must be one of"),
+        ({"float32_matmul_precision": "low"}, "float32_matmul_precision must be one of"),
         ({"tt_table_shapes": {"a": {"cache_rows": 3}}}, "keys among"),
     ],
 )

@@ -91,6 +91,7 @@ DENSE_OPTIMIZERS = ("adagrad", "adam", "sgd")
 EMBEDDING_OPTIMIZERS = ("exact_row_wise_adagrad", "exact_adagrad", "exact_sgd", "sgd", "row_wise_adagrad")
 SHARDINGS = ("planner", "table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise")
 DEVICES = ("auto", "cpu", "cuda")
+MATMUL_PRECISIONS = ("highest", "high", "medium")
 #: ``--comm_codec`` values (same as ``torchrec_tt.distributed.comm_codec.COMM_CODECS``).
 COMM_CODECS = ("none", "fp16", "bf16", "eb4", "eb8", "eb16", "eb_adaptive")
 
@@ -321,6 +322,9 @@ class TrainConfig:
         resume (bool): continue from the newest checkpoint in ``checkpoint_dir`` if any.
         seed (int): model initialisation seed (same on every rank).
         device (str): ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        float32_matmul_precision (str): ``torch.set_float32_matmul_precision`` on every rank:
+            ``highest`` (full fp32), ``high`` / ``medium`` (TF32 tensor cores in the dense
+            layers' matmuls, and one-pass TF32 products in the TT tables' CUDA backward).
         nproc (int): start this many local worker processes (when not already launched by
             ``torchrun``); 0 or 1 = run in this process.
         sharding (str): ``planner`` (TT-aware planner) or one sharding type for every table.
@@ -354,6 +358,7 @@ class TrainConfig:
     resume: bool = True
     seed: int = 0
     device: str = "auto"
+    float32_matmul_precision: str = "highest"
     nproc: int = 0
     sharding: str = "planner"
     comm_codec: str = "none"
@@ -364,6 +369,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_choice("device", self.device, DEVICES)
+        _check_choice("float32_matmul_precision", self.float32_matmul_precision, MATMUL_PRECISIONS)
         _check_choice("sharding", self.sharding, SHARDINGS)
         _check_choice("comm_codec", self.comm_codec, COMM_CODECS)
         for name in ("train_steps", "epochs", "eval_every", "eval_batches", "checkpoint_every", "nproc", "num_threads"):

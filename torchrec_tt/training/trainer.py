@@ -429,6 +429,7 @@ def _run(
     tc = cfg.train
     if device.type == "cpu":
         torch.set_num_threads(tc.num_threads or max(1, (os.cpu_count() or 1) // local_world))
+    torch.set_float32_matmul_precision(tc.float32_matmul_precision)
     out_dir = Path(tc.out_dir)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         prepare_data(cfg.data)
