@@ -522,7 +522,7 @@ def markdown(res: dict) -> str:
         f"({info['tt_params']:,} TT parameters, {info['compression']:.0f}x smaller than the dense table); "
         f"torch {info['torch']}, CUDA {info['cuda']}; {info['iters']} timed iterations (median), ids {info['index_dtype']}, "
         f"Zipf alpha {info['zipf_alpha']}, float32 matmul precision "
-        f"{info.get('float32_matmul_precision', 'highest')}. One iteration = forward + backward + optimizer step. "
+        f"{info['float32_matmul_precision']}. One iteration = forward + backward + optimizer step. "
         f"FBGEMM TBE: {info['fbgemm_tbe']}.",
         "",
         "| optimizer | ids | B | L | TT us/nnz | TT graph us/nnz | dense us/nnz | TT / dense | FBTT (H200) us/nnz "

@@ -564,7 +564,7 @@ def test_tf32_precision_within_bound_and_deterministic(shape):
     products take one TF32 pass: the core gradients stay within the TF32 error bound of the
     float64 oracle (elementwise, against the oracle over absolute values), differ from the
     fp32-accurate ones (TF32 took effect) and repeat bit for bit; the forward is unchanged."""
-    p, q, ranks, n, cores, ids, offsets, w, g, mode = _grad_case(shape, ids=None, lengths=[5, 0, 40, 3, 64, 1] * 20)
+    p, q, ranks, n, cores, ids, offsets, w, g, mode = _grad_case(shape, lengths=[5, 0, 40, 3, 64, 1] * 20)
     args = (ids.to(DEV), offsets.to(DEV), w.to(DEV, torch.float32), p, q, ranks, n, mode)
     dev_cores, dev_g = to_dev(cores, torch.float32), g.to(DEV, torch.float32)
     abs_cores, abs_w = [c.abs() for c in cores], w.abs()

@@ -33,11 +33,12 @@
 // into two TF32 parts (x = hi + lo) and A B = A_lo B_hi + A_hi B_lo + A_hi B_hi ("3xTF32",
 // the dropped A_lo B_lo is ~2^-22 relative): fp32 accuracy, a fixed order of sums
 // (deterministic). With TF32 = true (the backward under torch's TF32 matmul precision,
-// tf32_products in tt_embedding_bag_cuda.cu) only A_hi B_hi: one mma per tile, no lo parts split,
-// stored or loaded; ~2^-10 relative error per product, still deterministic. Items with another i_1 in the same warp take one more product each,
-// with the other items' rows discarded. P reaches the per-row code, and Y leaves it, through a
-// per-warp shared-memory buffer (16 rows of kPLd floats). A row of a product depends on
-// its row of the stacked operand only, so each product stores the rows of its items.
+// tf32_products in tt_embedding_bag_cuda.cu) only A_hi B_hi: one mma per tile, no lo parts
+// split, stored or loaded; ~2^-10 relative error per product, still deterministic. Items with
+// another i_1 in the same warp take one more product each, with the other items' rows
+// discarded. P reaches the per-row code, and Y leaves it, through a per-warp shared-memory
+// buffer (16 rows of kPLd floats). A row of a product depends on its row of the stacked
+// operand only, so each product stores the rows of its items.
 //
 // The tensor-core backward also sums core 1's slice gradients (no dT_1 records, no
 // reduction launch for core 1): a block of kFusedWarps warps holds 32 consecutive items,

@@ -1606,11 +1606,9 @@ void launch_fast_items(const char* op, const FastArgs& f, int64_t max_items, int
     prepare_smem(op, kernel, bytes, device);
     kernel<<<grid_1d(max_items, warps * kFastItemsPerWarp), warps * 32, bytes, stream>>>(f);
   };
-  bool tf32 = false;  // one-pass TF32 products: the backward only (tf32_products)
-  if constexpr (BWD) tf32 = tf32_products();
   if (!fast_mma(BWD)) {
     launch(tt_fast_item_kernel<4, 32, 32, 4, BWD, false, false>, false);
-  } else if (tf32) {  // BWD: the forward has no one-pass kernel
+  } else if (BWD && tf32_products()) {  // one-pass TF32 products: the backward only
     launch(tt_fast_item_kernel<4, 32, 32, 4, BWD, true, BWD>, true);
   } else {
     launch(tt_fast_item_kernel<4, 32, 32, 4, BWD, true, false>, true);
