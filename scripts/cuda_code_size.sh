@@ -16,7 +16,7 @@
 #   NVDISASM=$(find /tmp/w/x -name nvdisasm -type f) LINES=... bash scripts/cuda_code_size.sh
 #
 # Environment: PYTHON (default .venv/bin/python, else python3), NVCC (default nvcc), TOP, LINES,
-# NVDISASM.
+# NVDISASM, OPS (opcodes named per line, default 4).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -73,6 +73,7 @@ nvdisasm_bin=${NVDISASM:-$(command -v nvdisasm || echo "$(dirname "$(command -v 
 [ -x "$nvdisasm_bin" ] || { echo "cuda_code_size.sh: nvdisasm not found (set NVDISASM; see the header)" >&2; exit 1; }
 "$nvdisasm_bin" -c -gi "$tmp/tt.cubin" >"$tmp/tt.sass"
 "$py" - "$tmp/tt.sass" "$LINES" <<'EOF'
+import os
 import collections
 import re
 import subprocess
@@ -101,7 +102,7 @@ for sym, name in zip(kernels, names):
     print(f"\n{name}: {sum(sum(c.values()) for c in per_line.values())} instructions")
     for where in sorted(per_line, key=lambda w: (w is None, w or ("", 0))):
         ops = per_line[where]
-        top = ", ".join(f"{op} {n}" for op, n in ops.most_common(4))
+        top = ", ".join(f"{op} {n}" for op, n in ops.most_common(int(os.environ.get("OPS", 4))))
         label = f"{where[0]}:{where[1]}" if where else "(no line)"
         print(f"  {label:28} {sum(ops.values()):5}  {top}")
 EOF
