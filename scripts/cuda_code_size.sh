@@ -73,8 +73,8 @@ nvdisasm_bin=${NVDISASM:-$(command -v nvdisasm || echo "$(dirname "$(command -v 
 [ -x "$nvdisasm_bin" ] || { echo "cuda_code_size.sh: nvdisasm not found (set NVDISASM; see the header)" >&2; exit 1; }
 "$nvdisasm_bin" -c -gi "$tmp/tt.cubin" >"$tmp/tt.sass"
 "$py" - "$tmp/tt.sass" "$LINES" <<'EOF'
-import os
 import collections
+import os
 import re
 import subprocess
 import sys
