@@ -487,15 +487,35 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
       ra = rb;
     }
   };
+  // FMA forward: the metadata of the warp's items is loaded up front, one value per lane (lane i:
+  // item it0 + i; lane nslots: the end of the last item's rows), and each item's G_2 digits
+  // during the item before, so no item starts on a chain of two dependent loads (item_urow,
+  // then urow_d2). The other kernels keep their per-item loads (no registers to spare).
+  constexpr bool PIPE = !BWD && !MMA;
+  const int m_d0 = PIPE && lane < nslots ? a.item_d0[it0 + lane] : 0;
+  const int m_d1 = PIPE && lane < nslots ? a.item_d1[it0 + lane] : 0;
+  const int m_ur = PIPE && lane <= nslots && it0 < nitems ? a.item_urow[it0 + lane] : 0;
+  // the G_2 digits of item it's rows (<= 64): lane's row and row lane + 32
+  auto load_d2 = [&](int it, int& x, int& y) {
+    const int s = it - it0, v0 = __shfl_sync(kAll, m_ur, s), nu = __shfl_sync(kAll, m_ur, s + 1) - v0;
+    x = lane < nu ? a.urow_d2[v0 + lane] : 0;
+    y = lane + 32 < nu ? a.urow_d2[v0 + lane + 32] : 0;
+  };
+  int next_d2a = 0, next_d2b = 0;
+  if constexpr (PIPE) {
+    if (it0 < it1) load_d2(it0, next_d2a, next_d2b);
+  }
   for (int it = it0; it < it1; ++it) {
-    const float* g0 = a.c0 + static_cast<int64_t>(a.item_d0[it]) * S0;
-    const float* g1 = a.c1 + static_cast<int64_t>(a.item_d1[it]) * S1;
-    const int u0 = a.item_urow[it], u1 = a.item_urow[it + 1];
+    const int s_it = it - it0;
+    const float* g0 = a.c0 + static_cast<int64_t>(PIPE ? __shfl_sync(kAll, m_d0, s_it) : a.item_d0[it]) * S0;
+    const float* g1 = a.c1 + static_cast<int64_t>(PIPE ? __shfl_sync(kAll, m_d1, s_it) : a.item_d1[it]) * S1;
+    const int u0 = PIPE ? __shfl_sync(kAll, m_ur, s_it) : a.item_urow[it];
+    const int u1 = PIPE ? __shfl_sync(kAll, m_ur, s_it + 1) : a.item_urow[it + 1];
     // Metadata of the item's rows (<= 64) and positions (<= 64), one load per lane,
     // handed around by shuffles: no row waits on a metadata load.
     const int nu = u1 - u0;
-    const int d2a = lane < nu ? a.urow_d2[u0 + lane] : 0;
-    const int d2b = lane + 32 < nu ? a.urow_d2[u0 + lane + 32] : 0;
+    const int d2a = PIPE ? next_d2a : lane < nu ? a.urow_d2[u0 + lane] : 0;
+    const int d2b = PIPE ? next_d2b : lane + 32 < nu ? a.urow_d2[u0 + lane + 32] : 0;
     int sta = 0, stb = 0, bga = 0, bgb = 0, p0 = 0, p1 = 0;
     float sca = 0.f, scb = 0.f;
     if constexpr (BWD) {
@@ -541,6 +561,9 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
       }
     };
     stage(0);  // lands while P is computed
+    if constexpr (PIPE) {
+      if (it + 1 < it1) load_d2(it + 1, next_d2a, next_d2b);  // lands during this item
+    }
     __syncwarp();
     // P = T_0 G_1: acc[j0][c] for the lane's 4 columns, 4 lane + c (lane-per-b: c R2 + lane).
     float acc[Q0][4];
