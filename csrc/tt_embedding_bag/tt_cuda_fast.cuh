@@ -502,8 +502,20 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
     y = lane + 32 < nu ? a.urow_d2[v0 + lane + 32] : 0;
   };
   int next_d2a = 0, next_d2b = 0;
+  // and the item's T_0 slice (lane < R1: column lane of G_0[i_0]), loaded during the item
+  // before: the key order puts i_1 most significant, so consecutive items share G_1's slice
+  // but not G_0's, and P waits on T_0.
+  float next_t0[Q0];
+  auto load_t0 = [&](int it) {
+    const float* g0n = a.c0 + static_cast<int64_t>(__shfl_sync(kAll, m_d0, it - it0)) * S0;
+#pragma unroll
+    for (int j0 = 0; j0 < Q0; ++j0) next_t0[j0] = lane < R1 ? __ldg(g0n + j0 * R1 + lane) : 0.f;
+  };
   if constexpr (PIPE) {
-    if (it0 < it1) load_d2(it0, next_d2a, next_d2b);
+    if (it0 < it1) {
+      load_d2(it0, next_d2a, next_d2b);
+      load_t0(it0);
+    }
   }
   for (int it = it0; it < it1; ++it) {
     const int s_it = it - it0;
@@ -562,7 +574,14 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
     };
     stage(0);  // lands while P is computed
     if constexpr (PIPE) {
-      if (it + 1 < it1) load_d2(it + 1, next_d2a, next_d2b);  // lands during this item
+      if (lane < R1) {
+#pragma unroll
+        for (int j0 = 0; j0 < Q0; ++j0) t0s[lane * Q0 + j0] = next_t0[j0];
+      }
+      if (it + 1 < it1) {  // lands during this item
+        load_d2(it + 1, next_d2a, next_d2b);
+        load_t0(it + 1);
+      }
     }
     __syncwarp();
     // P = T_0 G_1: acc[j0][c] for the lane's 4 columns, 4 lane + c (lane-per-b: c R2 + lane).
@@ -611,7 +630,7 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
         }
       }
     } else {
-      if (lane < R1) {
+      if (!PIPE && lane < R1) {  // (PIPE: stored above)
 #pragma unroll
         for (int j0 = 0; j0 < Q0; ++j0) {
           t0s[lane * Q0 + j0] = __ldg(g0 + j0 * R1 + lane);
