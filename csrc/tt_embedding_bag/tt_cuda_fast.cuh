@@ -19,7 +19,9 @@
 // below) to shared memory with asynchronous
 // copies, all in flight together; the first batch lands while P is computed. (G_1 slices
 // are read through L1: consecutive items share i_1. Copying a block's G_1 slice to shared
-// memory instead was slower: benchmarks/NOTES.md, v7c.)
+// memory instead was slower: benchmarks/NOTES.md, v7c.) The FMA forward also loads its four
+// items' metadata up front, one value per lane, and the next item's G_2 digits and T_0 slice
+// during the current item (NOTES v19: -5% of its time).
 // Records written are the ones of the generic item kernel (same layouts), so the
 // slice-gradient reductions are shared; but the backward writes no T_0 record (a copy of
 // the G_0 slice): the middle core's reduction reads G_0[i_0] from core 0 itself.
