@@ -493,10 +493,14 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
   // item it0 + i; lane nslots: the end of the last item's rows), and each item's G_2 digits
   // during the item before, so no item starts on a chain of two dependent loads (item_urow,
   // then urow_d2). The other kernels keep their per-item loads (no registers to spare).
+  // The backward loads only its items' first unique rows and first positions up front (lane
+  // nslots: the ends), so an item's row and position metadata are one round of independent loads.
   constexpr bool PIPE = !BWD && !MMA;
+  constexpr bool UR_UP = PIPE || (BWD && MMA);
   const int m_d0 = PIPE && lane < nslots ? a.item_d0[it0 + lane] : 0;
   const int m_d1 = PIPE && lane < nslots ? a.item_d1[it0 + lane] : 0;
-  const int m_ur = PIPE && lane <= nslots && it0 < nitems ? a.item_urow[it0 + lane] : 0;
+  const int m_ur = UR_UP && lane <= nslots && it0 < nitems ? a.item_urow[it0 + lane] : 0;
+  const int m_ps = BWD && MMA && lane <= nslots && it0 < nitems ? a.urow_start[m_ur] : 0;
   // the G_2 digits of item it's rows (<= 64): lane's row and row lane + 32
   auto load_d2 = [&](int it, int& x, int& y) {
     const int s = it - it0, v0 = __shfl_sync(kAll, m_ur, s), nu = __shfl_sync(kAll, m_ur, s + 1) - v0;
@@ -523,8 +527,8 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
     const int s_it = it - it0;
     const float* g0 = a.c0 + static_cast<int64_t>(PIPE ? __shfl_sync(kAll, m_d0, s_it) : a.item_d0[it]) * S0;
     const float* g1 = a.c1 + static_cast<int64_t>(PIPE ? __shfl_sync(kAll, m_d1, s_it) : a.item_d1[it]) * S1;
-    const int u0 = PIPE ? __shfl_sync(kAll, m_ur, s_it) : a.item_urow[it];
-    const int u1 = PIPE ? __shfl_sync(kAll, m_ur, s_it + 1) : a.item_urow[it + 1];
+    const int u0 = UR_UP ? __shfl_sync(kAll, m_ur, s_it) : a.item_urow[it];
+    const int u1 = UR_UP ? __shfl_sync(kAll, m_ur, s_it + 1) : a.item_urow[it + 1];
     // Metadata of the item's rows (<= 64) and positions (<= 64), one load per lane,
     // handed around by shuffles: no row waits on a metadata load.
     const int nu = u1 - u0;
@@ -535,8 +539,8 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
     if constexpr (BWD) {
       sta = lane < nu ? a.urow_start[u0 + lane] : 0;
       stb = lane + 32 < nu ? a.urow_start[u0 + lane + 32] : 0;
-      p0 = __shfl_sync(kAll, sta, 0);
-      p1 = a.urow_start[u1];
+      p0 = UR_UP ? __shfl_sync(kAll, m_ps, s_it) : __shfl_sync(kAll, sta, 0);
+      p1 = UR_UP ? __shfl_sync(kAll, m_ps, s_it + 1) : a.urow_start[u1];
       const int np = p1 - p0;
       if (lane < np) {
         bga = a.sbag[p0 + lane];
