@@ -21,7 +21,8 @@
 // are read through L1: consecutive items share i_1. Copying a block's G_1 slice to shared
 // memory instead was slower: benchmarks/NOTES.md, v7c.) The FMA forward also loads its four
 // items' metadata up front, one value per lane, and the next item's G_2 digits and T_0 slice
-// during the current item (NOTES v19: -5% of its time).
+// during the current item (NOTES v19: -5% of its time); the tensor-core backward loads its items'
+// first unique rows and first positions up front (v20: -1%).
 // Records written are the ones of the generic item kernel (same layouts), so the
 // slice-gradient reductions are shared; but the backward writes no T_0 record (a copy of
 // the G_0 slice): the middle core's reduction reads G_0[i_0] from core 0 itself.
@@ -492,9 +493,10 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
   // FMA forward: the metadata of the warp's items is loaded up front, one value per lane (lane i:
   // item it0 + i; lane nslots: the end of the last item's rows), and each item's G_2 digits
   // during the item before, so no item starts on a chain of two dependent loads (item_urow,
-  // then urow_d2). The other kernels keep their per-item loads (no registers to spare).
-  // The backward loads only its items' first unique rows and first positions up front (lane
-  // nslots: the ends), so an item's row and position metadata are one round of independent loads.
+  // then urow_d2). The tensor-core backward loads only its items' first unique rows and first
+  // positions up front (lane nslots: the ends), so an item's row and position metadata are one
+  // round of independent loads (no registers to spare for more). The FMA backward and the
+  // tensor-core forward (both off by default) keep their per-item loads.
   constexpr bool PIPE = !BWD && !MMA;
   constexpr bool UR_UP = PIPE || (BWD && MMA);
   const int m_d0 = PIPE && lane < nslots ? a.item_d0[it0 + lane] : 0;
