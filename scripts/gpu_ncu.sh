@@ -18,8 +18,9 @@
 #   NCU_SET     ncu section set (default "full")
 #   SKIP_BUILD  1 (default): the extension is already built; 0: run scripts/gpu_build.sh first
 #   SOURCE      1: also the source page, per CUDA source line (.source_cuda.csv) and per SASS
-#               instruction (.source_sass.csv), with the warp-stall samples of every line;
-#               benchmarks/ncu_source_lines.py ranks the lines (the kernels built with -lineinfo)
+#               instruction (.source_sass.csv), with the warp-stall samples of every line (the
+#               kernels are built with -lineinfo). Added 2026-12-07 and not yet run on the GPU
+#               machine: the device time ran out first; check that this ncu has `--page source`.
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_preamble.sh" || exit 1
 export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 if [ "${SKIP_BUILD:-1}" != 1 ]; then
