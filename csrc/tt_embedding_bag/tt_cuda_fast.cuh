@@ -503,11 +503,15 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
   const int m_d1 = PIPE && lane < nslots ? a.item_d1[it0 + lane] : 0;
   const int m_ur = UR_UP && lane <= nslots && it0 < nitems ? a.item_urow[it0 + lane] : 0;
   const int m_ps = BWD && MMA && lane <= nslots && it0 < nitems ? a.urow_start[m_ur] : 0;
-  // the G_2 digits of item it's rows (<= 64): lane's row and row lane + 32
-  auto load_d2 = [&](int it, int& x, int& y) {
-    const int s = it - it0, v0 = __shfl_sync(kAll, m_ur, s), nu = __shfl_sync(kAll, m_ur, s + 1) - v0;
-    x = lane < nu ? a.urow_d2[v0 + lane] : 0;
-    y = lane + 32 < nu ? a.urow_d2[v0 + lane + 32] : 0;
+  // the G_2 digits of the n (<= 64) unique rows from v0 on: lane's row and row lane + 32
+  auto load_d2 = [&](int v0, int n, int& x, int& y) {
+    x = lane < n ? a.urow_d2[v0 + lane] : 0;
+    y = lane + 32 < n ? a.urow_d2[v0 + lane + 32] : 0;
+  };
+  // the same for item it, from the up-front metadata
+  auto load_item_d2 = [&](int it, int& x, int& y) {
+    const int v0 = __shfl_sync(kAll, m_ur, it - it0);
+    load_d2(v0, __shfl_sync(kAll, m_ur, it - it0 + 1) - v0, x, y);
   };
   int next_d2a = 0, next_d2b = 0;
   // and the item's T_0 slice (lane < R1: column lane of G_0[i_0]), loaded during the item
@@ -521,21 +525,22 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
   };
   if constexpr (PIPE) {
     if (it0 < it1) {
-      load_d2(it0, next_d2a, next_d2b);
+      load_item_d2(it0, next_d2a, next_d2b);
       load_t0(it0);
     }
   }
   for (int it = it0; it < it1; ++it) {
     const int s_it = it - it0;
-    const float* g0 = a.c0 + static_cast<int64_t>(PIPE ? __shfl_sync(kAll, m_d0, s_it) : a.item_d0[it]) * S0;
+    // G_0[i_0] for the FMA product's T_0 (PIPE: loaded during the item before, load_t0)
+    const float* g0 = PIPE ? nullptr : a.c0 + static_cast<int64_t>(a.item_d0[it]) * S0;
     const float* g1 = a.c1 + static_cast<int64_t>(PIPE ? __shfl_sync(kAll, m_d1, s_it) : a.item_d1[it]) * S1;
     const int u0 = UR_UP ? __shfl_sync(kAll, m_ur, s_it) : a.item_urow[it];
     const int u1 = UR_UP ? __shfl_sync(kAll, m_ur, s_it + 1) : a.item_urow[it + 1];
     // Metadata of the item's rows (<= 64) and positions (<= 64), one load per lane,
     // handed around by shuffles: no row waits on a metadata load.
     const int nu = u1 - u0;
-    const int d2a = PIPE ? next_d2a : lane < nu ? a.urow_d2[u0 + lane] : 0;
-    const int d2b = PIPE ? next_d2b : lane + 32 < nu ? a.urow_d2[u0 + lane + 32] : 0;
+    int d2a = next_d2a, d2b = next_d2b;  // PIPE: loaded during the item before
+    if constexpr (!PIPE) load_d2(u0, nu, d2a, d2b);
     int sta = 0, stb = 0, bga = 0, bgb = 0, p0 = 0, p1 = 0;
     float sca = 0.f, scb = 0.f;
     if constexpr (BWD) {
@@ -587,7 +592,7 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
         for (int j0 = 0; j0 < Q0; ++j0) t0s[lane * Q0 + j0] = next_t0[j0];
       }
       if (it + 1 < it1) {  // lands during this item
-        load_d2(it + 1, next_d2a, next_d2b);
+        load_item_d2(it + 1, next_d2a, next_d2b);
         load_t0(it + 1);
       }
     }
