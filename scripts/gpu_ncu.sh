@@ -17,10 +17,10 @@
 #   KERNELS     ncu kernel-name regex (default: the fast item kernels and the reductions)
 #   NCU_SET     ncu section set (default "full")
 #   SKIP_BUILD  1 (default): the extension is already built; 0: run scripts/gpu_build.sh first
-#   SOURCE      1: also the source page, per CUDA source line (.source_cuda.csv) and per SASS
-#               instruction (.source_sass.csv), with the warp-stall samples of every line (the
-#               kernels are built with -lineinfo). Added 2026-12-07 and not yet run on the GPU
-#               machine: the device time ran out first; check that this ncu has `--page source`.
+#   SOURCE      1: also the source page per SASS instruction (.source_sass.csv), with the warp-stall
+#               samples of every instruction; scripts/ncu_source_lines.py sums them per CUDA source
+#               line (no GPU needed). This ncu's CSV of the CUDA view carries no metrics, so it
+#               is not exported. First run on 2026-12-07 (results/2026-12-07e_*_ncu_source_lines_*).
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_preamble.sh" || exit 1
 export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 if [ "${SKIP_BUILD:-1}" != 1 ]; then
@@ -43,9 +43,7 @@ for case in ${CASES:-4096x20 16384x20}; do
   "$ncu_bin" -i "$rep.ncu-rep" --page raw --print-units base \
     --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" >"$rep.stalls.txt" 2>&1 || true
   if [ "${SOURCE:-0}" = 1 ]; then
-    for view in cuda sass; do
-      "$ncu_bin" -i "$rep.ncu-rep" --page source --csv --print-source "$view" >"$rep.source_$view.csv" 2>&1 || rc=1
-    done
+    "$ncu_bin" -i "$rep.ncu-rep" --page source --csv --print-source sass >"$rep.source_sass.csv" 2>&1 || rc=1
   fi
   grep -E "tt_fast_item_kernel|tt_reduce|Duration|Achieved Occupancy|Registers Per Thread|Stall|Warp Cycles Per Issued" \
     "$rep.txt" | head -80
