@@ -366,10 +366,15 @@ __device__ void fused_core1_sums(
   int off[16];  // the lane's elements of G: rows 16 mt + 8 h + g, columns 16 w + 4 t + c
 #pragma unroll
   for (int i = 0; i < 16; ++i) off[i] = (8 * (i / 4) + g) * N1 + 16 * wid + 4 * t + i % 4;
-  for (int ra = 0; ra < nb;) {  // runs of equal i_1 (block-uniform)
+  static_assert(kFusedItems <= 32, "one lane per item of the chunk");
+  // Runs of equal i_1 (block-uniform): bit i of `heads` marks item i starting one, found by
+  // one ballot instead of a scan of dependent shared-memory loads per item.
+  unsigned heads = __ballot_sync(0xffffffffu, lane < nb && (lane == 0 || sd1[1 + lane] != sd1[lane]));
+  while (heads != 0u) {
+    const int ra = __ffs(heads) - 1;
+    heads &= heads - 1u;
+    const int rb = heads != 0u ? __ffs(heads) - 1 : nb;
     const int dg = sd1[1 + ra];
-    int rb = ra + 1;
-    while (rb < nb && sd1[1 + rb] == dg) ++rb;
     float d[2][2][4] = {}, e[2][2][4] = {}, f[2][2][4] = {};
 #pragma unroll 2
     for (int s = ra / 2; s < (rb + 1) / 2; ++s) {
@@ -425,7 +430,6 @@ __device__ void fused_core1_sums(
         *reinterpret_cast<float4*>(dst + off[4 * q]) = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
       }
     }
-    ra = rb;
   }
 }
 
@@ -480,14 +484,17 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
   const int d1_slot = MMA && lane < nslots ? a.item_d1[it0 + lane] : -1;
   const int d0_slot = MMA && lane < nslots ? a.item_d0[it0 + lane] : 0;
   // Per run of equal i_1 among the slots: fn(G_1 slice, lane's row g kept, row g + 8 kept).
+  // Bit i of slot_heads: slot i starts a run (warp-uniform; tensor cores only).
+  const int d1_prev = MMA ? __shfl_up_sync(kAll, d1_slot, 1) : 0;
+  const unsigned slot_heads = MMA ? __ballot_sync(kAll, lane < nslots && (lane == 0 || d1_slot != d1_prev)) : 0u;
   auto for_each_run = [&](auto&& fn) {
-    for (int ra = 0; ra < nslots;) {
-      const int dr = __shfl_sync(kAll, d1_slot, ra);
-      int rb = ra + 1;
-      while (rb < nslots && __shfl_sync(kAll, d1_slot, rb) == dr) ++rb;  // warp-uniform
+    for (unsigned heads = slot_heads; heads != 0u;) {
+      const int ra = __ffs(heads) - 1;
+      heads &= heads - 1u;
+      const int rb = heads != 0u ? __ffs(heads) - 1 : nslots;
       const int slot_lo = (lane >> 2) / Q0, slot_hi = (8 + (lane >> 2)) / Q0;
-      fn(a.c1 + static_cast<int64_t>(dr) * S1, slot_lo >= ra && slot_lo < rb, slot_hi >= ra && slot_hi < rb);
-      ra = rb;
+      fn(a.c1 + static_cast<int64_t>(__shfl_sync(kAll, d1_slot, ra)) * S1, slot_lo >= ra && slot_lo < rb,
+         slot_hi >= ra && slot_hi < rb);
     }
   };
   // FMA forward: the metadata of the warp's items is loaded up front, one value per lane (lane i:
