@@ -244,13 +244,22 @@ template <int R1, int N1, bool TF32>
 __device__ __forceinline__ void mma_prefix_product(
     const Tf32Pair (&af)[R1 / 8][4], bool lo_in, bool hi_in, const float* g1, float* pys, int lane) {
   const int g = lane >> 2, t = lane & 3;
+  // The B fragments of a column group's first k-step are loaded during the group before (its
+  // first product waited on them: long-scoreboard stalls).
+  const float* const gl = g1 + t * N1 + 4 * g;
+  float4 next0 = __ldg(reinterpret_cast<const float4*>(gl)), next1 = __ldg(reinterpret_cast<const float4*>(gl + 4 * N1));
 #pragma unroll 1
   for (int ag = 0; ag < N1 / 32; ++ag) {
     float d[4][4] = {}, e[4][4] = {};
+    const float4 first0 = next0, first1 = next1;
+    if (ag + 1 < N1 / 32) {
+      next0 = __ldg(reinterpret_cast<const float4*>(gl + 32 * (ag + 1)));
+      next1 = __ldg(reinterpret_cast<const float4*>(gl + 4 * N1 + 32 * (ag + 1)));
+    }
 #pragma unroll
     for (int s = 0; s < R1 / 8; ++s) {
-      const float4 b0 = __ldg(reinterpret_cast<const float4*>(g1 + (8 * s + t) * N1 + 32 * ag + 4 * g));
-      const float4 b1 = __ldg(reinterpret_cast<const float4*>(g1 + (8 * s + t + 4) * N1 + 32 * ag + 4 * g));
+      const float4 b0 = s == 0 ? first0 : __ldg(reinterpret_cast<const float4*>(gl + 8 * s * N1 + 32 * ag));
+      const float4 b1 = s == 0 ? first1 : __ldg(reinterpret_cast<const float4*>(gl + (8 * s + 4) * N1 + 32 * ag));
       mma_3xtf32<TF32>(d[0], e[0], af[s], split_tf32<TF32>(b0.x), split_tf32<TF32>(b1.x));
       mma_3xtf32<TF32>(d[1], e[1], af[s], split_tf32<TF32>(b0.y), split_tf32<TF32>(b1.y));
       mma_3xtf32<TF32>(d[2], e[2], af[s], split_tf32<TF32>(b0.z), split_tf32<TF32>(b1.z));
