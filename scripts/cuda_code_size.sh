@@ -16,7 +16,8 @@
 #   NVDISASM=$(find /tmp/w/x -name nvdisasm -type f) LINES=... bash scripts/cuda_code_size.sh
 #
 # Environment: PYTHON (default .venv/bin/python, else python3), NVCC (default nvcc), TOP, LINES,
-# NVDISASM, OPS (opcodes named per line, default 4).
+# NVDISASM, OPS (opcodes named per line, default 4), CUBIN (also keep the cubin at this path:
+# scripts/ncu_source_lines.py builds its line table from it).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -35,6 +36,7 @@ abi=$("$py" -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))")
 "$nvcc_bin" -cubin "$src" -o "$tmp/tt.cubin" $includes -I"$tmp/stub" -Icsrc/include -std=c++17 \
   --expt-relaxed-constexpr -O3 -lineinfo -gencode arch=compute_90,code=sm_90 -DTORCHREC_TT_WITH_CUDA \
   -D_GLIBCXX_USE_CXX11_ABI="$abi" -Xptxas -v 2>"$tmp/ptxas.log"
+if [ -n "${CUBIN:-}" ]; then cp "$tmp/tt.cubin" "$CUBIN"; fi
 
 "$py" - "$tmp/tt.cubin" "$tmp/ptxas.log" "${TOP:-15}" <<'EOF'
 import re

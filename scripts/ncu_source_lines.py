@@ -63,20 +63,10 @@ def read_samples(path: str) -> dict[str, list[dict[str, str]]]:
 
 
 def compile_cubin(out_dir: str) -> str:
-    """The CUDA kernels built for sm_90 with line info (the flags of scripts/cuda_code_size.sh)."""
-    import torch
-    from torch.utils.cpp_extension import include_paths
-
-    stub = os.path.join(out_dir, "stub", "c10", "cuda", "impl")
-    os.makedirs(stub)
-    with open(os.path.join(stub, "cuda_cmake_macros.h"), "w") as f:
-        f.write("#pragma once\n")
+    """The CUDA kernels built for sm_90 with line info, by scripts/cuda_code_size.sh (its flags)."""
     cubin = os.path.join(out_dir, "tt.cubin")
-    cmd = [os.environ.get("NVCC", "nvcc"), "-cubin", "csrc/tt_embedding_bag/tt_embedding_bag_cuda.cu", "-o", cubin]
-    cmd += [f"-I{p}" for p in include_paths()] + [f"-I{os.path.join(out_dir, 'stub')}", "-Icsrc/include"]
-    cmd += ["-std=c++17", "--expt-relaxed-constexpr", "-O3", "-lineinfo", "-gencode", "arch=compute_90,code=sm_90"]
-    cmd += ["-DTORCHREC_TT_WITH_CUDA", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
-    subprocess.run(cmd, check=True)
+    env = {**os.environ, "CUBIN": cubin, "TOP": "0", "LINES": ""}
+    subprocess.run(["bash", "scripts/cuda_code_size.sh"], env=env, check=True, stdout=subprocess.DEVNULL)
     return cubin
 
 
@@ -85,14 +75,18 @@ def line_table(cubin: str, kernel: str, home: str) -> list[tuple[str, str]]:
     nvdisasm = os.environ.get("NVDISASM") or shutil.which("nvdisasm")
     if not nvdisasm:
         sys.exit("ncu_source_lines.py: nvdisasm not found (set NVDISASM)")
-    sass = subprocess.run([nvdisasm, "-gi", "-c", cubin], capture_output=True, text=True, check=True).stdout
+    sass = subprocess.run(
+        [nvdisasm, "-gi", "-c", cubin], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    header = "//--------------------- .text."
+    mangled = [raw.split(".text.", 1)[1].split()[0] for raw in sass if raw.startswith(header)]
+    demangled = subprocess.run(["c++filt"], input="\n".join(mangled), capture_output=True, text=True, check=True).stdout
+    names = iter(demangled.splitlines())
     table: list[tuple[str, str]] = []
     inside, where = False, "?"
-    for raw in sass.splitlines():
-        if raw.startswith("//--------------------- .text."):
-            mangled = raw.split(".text.", 1)[1].split()[0]
-            name = subprocess.run(["c++filt", mangled], capture_output=True, text=True, check=True).stdout.strip()
-            inside = _short(name.replace("true", "1").replace("false", "0")) == kernel
+    for raw in sass:
+        if raw.startswith(header):
+            inside = _short(next(names).replace("true", "1").replace("false", "0")) == kernel
             continue
         if not inside:
             continue
