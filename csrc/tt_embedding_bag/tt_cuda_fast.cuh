@@ -359,6 +359,22 @@ __device__ __forceinline__ void store_t0_stack(const float* c0, int d0_slot, int
     }
 }
 
+// Runs of equal values over lanes 0 .. n - 1 (lane's value v, the previous lane's prev): bit i
+// of the result marks lane i starting a run. Warp-uniform; every lane must call it.
+__device__ __forceinline__ unsigned run_heads(int lane, int n, int v, int prev) {
+  return __ballot_sync(0xffffffffu, lane < n && (lane == 0 || v != prev));
+}
+
+// The next run [ra, rb) of a run_heads mask whose last run ends at `end`, taken off `heads`;
+// false when none is left.
+__device__ __forceinline__ bool next_run(unsigned& heads, int end, int& ra, int& rb) {
+  if (heads == 0u) return false;
+  ra = __ffs(heads) - 1;
+  heads &= heads - 1u;
+  rb = heads != 0u ? __ffs(heads) - 1 : end;
+  return true;
+}
+
 // Core 1's slice gradients from the block's items (tensor-core backward, see the header):
 // per run of equal i_1 among the nb items of chunk blk, G = sum T_0^T Y (R1 x N1), then
 // finalised or written as a chunk partial. smem: the warps' buffers (WF floats each: Y rows
@@ -376,13 +392,10 @@ __device__ void fused_core1_sums(
 #pragma unroll
   for (int i = 0; i < 16; ++i) off[i] = (8 * (i / 4) + g) * N1 + 16 * wid + 4 * t + i % 4;
   static_assert(kFusedItems <= 32, "one lane per item of the chunk");
-  // Runs of equal i_1 (block-uniform): bit i of `heads` marks item i starting one, found by
-  // one ballot instead of a scan of dependent shared-memory loads per item.
-  unsigned heads = __ballot_sync(0xffffffffu, lane < nb && (lane == 0 || sd1[1 + lane] != sd1[lane]));
-  while (heads != 0u) {
-    const int ra = __ffs(heads) - 1;
-    heads &= heads - 1u;
-    const int rb = heads != 0u ? __ffs(heads) - 1 : nb;
+  // Runs of equal i_1 (block-uniform), found by one ballot instead of a scan of dependent
+  // shared-memory loads per item.
+  unsigned heads = run_heads(lane, nb, sd1[1 + lane], sd1[lane]);  // sd1 holds 34 >= lane + 2 digits
+  for (int ra, rb; next_run(heads, nb, ra, rb);) {
     const int dg = sd1[1 + ra];
     float d[2][2][4] = {}, e[2][2][4] = {}, f[2][2][4] = {};
 #pragma unroll 2
@@ -493,14 +506,11 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
   const int d1_slot = MMA && lane < nslots ? a.item_d1[it0 + lane] : -1;
   const int d0_slot = MMA && lane < nslots ? a.item_d0[it0 + lane] : 0;
   // Per run of equal i_1 among the slots: fn(G_1 slice, lane's row g kept, row g + 8 kept).
-  // Bit i of slot_heads: slot i starts a run (warp-uniform; tensor cores only).
-  const int d1_prev = MMA ? __shfl_up_sync(kAll, d1_slot, 1) : 0;
-  const unsigned slot_heads = MMA ? __ballot_sync(kAll, lane < nslots && (lane == 0 || d1_slot != d1_prev)) : 0u;
+  // Bit i of slot_heads: slot i starts a run (tensor cores only).
+  const unsigned slot_heads = MMA ? run_heads(lane, nslots, d1_slot, __shfl_up_sync(kAll, d1_slot, 1)) : 0u;
   auto for_each_run = [&](auto&& fn) {
-    for (unsigned heads = slot_heads; heads != 0u;) {
-      const int ra = __ffs(heads) - 1;
-      heads &= heads - 1u;
-      const int rb = heads != 0u ? __ffs(heads) - 1 : nslots;
+    unsigned heads = slot_heads;
+    for (int ra, rb; next_run(heads, nslots, ra, rb);) {
       const int slot_lo = (lane >> 2) / Q0, slot_hi = (8 + (lane >> 2)) / Q0;
       fn(a.c1 + static_cast<int64_t>(__shfl_sync(kAll, d1_slot, ra)) * S1, slot_lo >= ra && slot_lo < rb,
          slot_hi >= ra && slot_hi < rb);
