@@ -294,15 +294,21 @@ __device__ __forceinline__ void mma_prefix_grad(
   const int g = lane >> 2, t = lane & 3;
   // accumulators per n-tile: [0] / [1] the k-steps 2j / 2j + 1, big / small parts
   float d[R1 / 8][2][4] = {}, e[R1 / 8][2][4] = {};
+  // The first n-tile's B fragments of each step are loaded during the step before (as the
+  // P product's first k-step: its products waited on these loads).
+  const float* const gl = g1 + g * N1 + 4 * t;
+  float4 next = __ldg(reinterpret_cast<const float4*>(gl));
 #pragma unroll 2
   for (int j = 0; j < N1 / 16; ++j) {
+    const float4 first = next;
+    if (j + 1 < N1 / 16) next = __ldg(reinterpret_cast<const float4*>(gl + 16 * (j + 1)));
     const float4 y0 = *reinterpret_cast<const float4*>(pys + g * kPLd + 16 * j + 4 * t);
     const float4 y1 = *reinterpret_cast<const float4*>(pys + (g + 8) * kPLd + 16 * j + 4 * t);
     const Tf32Pair ae[4] = {split_tf32<TF32>(y0.x), split_tf32<TF32>(y1.x), split_tf32<TF32>(y0.y), split_tf32<TF32>(y1.y)};
     const Tf32Pair ao[4] = {split_tf32<TF32>(y0.z), split_tf32<TF32>(y1.z), split_tf32<TF32>(y0.w), split_tf32<TF32>(y1.w)};
 #pragma unroll
     for (int nt = 0; nt < R1 / 8; ++nt) {
-      const float4 bv = __ldg(reinterpret_cast<const float4*>(g1 + (8 * nt + g) * N1 + 16 * j + 4 * t));
+      const float4 bv = nt == 0 ? first : __ldg(reinterpret_cast<const float4*>(gl + 8 * nt * N1 + 16 * j));
       mma_3xtf32<TF32>(d[nt][0], e[nt][0], ae, split_tf32<TF32>(bv.x), split_tf32<TF32>(bv.y));
       mma_3xtf32<TF32>(d[nt][1], e[nt][1], ao, split_tf32<TF32>(bv.z), split_tf32<TF32>(bv.w));
     }
