@@ -21,8 +21,8 @@
 // are read through L1: consecutive items share i_1. Copying a block's G_1 slice to shared
 // memory instead was slower: benchmarks/NOTES.md, v7c.) The FMA forward also loads its four
 // items' metadata up front, one value per lane, and the next item's G_2 digits and T_0 slice
-// during the current item (NOTES v19: -5% of its time); the tensor-core backward loads its items'
-// first unique rows and first positions up front (v20: -1%).
+// during the current item (NOTES v19: -5% of its time); the tensor-core backward deals its
+// block's items to its warps by their rows (deal_block_items, v22), with their metadata.
 // Records written are the ones of the generic item kernel (same layouts), so the
 // slice-gradient reductions are shared; but the backward writes no T_0 record (a copy of
 // the G_0 slice): the middle core's reduction reads G_0[i_0] from core 0 itself.
@@ -381,17 +381,89 @@ __device__ __forceinline__ bool next_run(unsigned& heads, int end, int& ra, int&
   return true;
 }
 
+// The tensor-core backward's items, dealt to the block's warps by their work so that the warps
+// reach the barrier before the core-1 sums together (with four consecutive items per warp, that
+// barrier was 10% of the kernel's stall samples: benchmarks/NOTES.md, v22). Every warp ranks the
+// block's nb items by their unique rows (a bitonic sort over the lanes, ties by item, so all warps
+// agree; positions, ~10 instructions each against ~200 per row, are left out so that the sort
+// waits on one round of loads, not two) and takes the ranks w, 15 - w, 16 + w and 31 - w (a snake
+// over the ranks); its slots hold them in item order, so runs of equal i_1 stay contiguous slots.
+// A block whose items are not all of one i_1 keeps four consecutive items per warp: dealt, most of
+// its warps would hold both runs and take two P and two dT_0 products (measured slower).
+struct DealtItems {
+  int item;    // lane s < n: the block-relative item of slot s (64 for an empty slot)
+  int n;       // the warp's items (warp-uniform)
+  int urow;    // lane s < n: the item's first unique row
+  int pos;     // lane s < n: its first position
+  int counts;  // lane s < n: its unique rows << 16 | its positions (each <= 64)
+  int d1;      // lane s < n: its i_1 digit
+  int d0;      // lane s < n: its i_0 digit
+};
+
+__device__ __forceinline__ DealtItems deal_block_items(
+    const int32_t* item_urow, const int32_t* urow_start, const int32_t* item_d1, const int32_t* item_d0, int s0, int nb,
+    int lane, int wid) {
+  constexpr unsigned kAll = 0xffffffffu;
+  constexpr int kNone = 64;
+  static_assert(kFusedItems == 32 && kFusedWarps == 8 && kFastItemsPerWarp == 4, "a lane per item, 4 rounds");
+  const bool valid = lane < nb;
+  const int ur = valid ? item_urow[s0 + lane] : 0, ur1 = valid ? item_urow[s0 + lane + 1] : 0;
+  const int d1 = valid ? item_d1[s0 + lane] : -1, d0 = valid ? item_d0[s0 + lane] : 0;  // (loads in flight together)
+  const int d1_first = __shfl_sync(kAll, d1, 0);  // (every lane: not inside a condition)
+  const bool one_run = __all_sync(kAll, !valid || d1 == d1_first);
+  const int ps = valid ? urow_start[ur] : 0, ps1 = valid ? urow_start[ur1] : 0;
+  const int counts = (ur1 - ur) << 16 | (ps1 - ps);
+  int key = valid ? (ur1 - ur) << 5 | (31 - lane) : -1;
+#pragma unroll
+  for (int k = 2; k <= 32; k <<= 1)  // bitonic sort, descending
+#pragma unroll
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      const int other = __shfl_xor_sync(kAll, key, j);
+      key = (((lane & j) == 0) == ((lane & k) == 0)) ? max(key, other) : min(key, other);
+    }
+  int it[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const int kq = __shfl_sync(kAll, key, q % 2 == 0 ? 8 * q + wid : 8 * q + 7 - wid);
+    const int c = 4 * wid + q;  // consecutive
+    it[q] = one_run ? (kq >= 0 ? 31 - (kq & 31) : kNone) : (c < nb ? c : kNone);
+  }
+  auto order = [&](int x, int y) {
+    const int lo = min(it[x], it[y]);
+    it[y] = max(it[x], it[y]);
+    it[x] = lo;
+  };
+  order(0, 1);
+  order(2, 3);
+  order(0, 2);
+  order(1, 3);
+  order(1, 2);
+  DealtItems d;
+  d.n = (it[0] < kNone) + (it[1] < kNone) + (it[2] < kNone) + (it[3] < kNone);
+  d.item = lane == 0 ? it[0] : lane == 1 ? it[1] : lane == 2 ? it[2] : lane == 3 ? it[3] : kNone;
+  const int src = d.item < kNone ? d.item : 0;
+  d.urow = __shfl_sync(kAll, ur, src);
+  d.pos = __shfl_sync(kAll, ps, src);
+  d.counts = __shfl_sync(kAll, counts, src);
+  d.d1 = __shfl_sync(kAll, d1, src);
+  d.d0 = __shfl_sync(kAll, d0, src);
+  return d;
+}
+
 // Core 1's slice gradients from the block's items (tensor-core backward, see the header):
 // per run of equal i_1 among the nb items of chunk blk, G = sum T_0^T Y (R1 x N1), then
 // finalised or written as a chunk partial. smem: the warps' buffers (WF floats each: Y rows
 // [16][kPLd], then the A stack of store_t0_stack); sd1: digits of the items s0 - 1 .. s0 + nb
-// (-1 outside the batch). K map: k-step s = rows 8s..8s+7 = items 2s (slot t) and 2s + 1
-// (slot t + 4). N map: n-tile nt, column nn <-> column 16 w + 2 nn + nt, so a lane's B
+// (-1 outside the batch); sitem: the block-relative item of each warp's slots (4 w + slot; 64
+// when empty: deal_block_items). K map: k-step s = rows 8s..8s+7 = stack slots 2s (slot t) and
+// 2s + 1 (slot t + 4); a run sums the k-steps in stack order, its own items' rows only. N map:
+// n-tile nt, column nn <-> column 16 w + 2 nn + nt, so a lane's B
 // fragments of both tiles are one float2 of a Y row and its results one float4 of each of its
 // 4 rows of G.
 template <int R1, int N1, int NW, int WF, bool TF32>
 __device__ void fused_core1_sums(
-    const ReduceArgs<float, float>& r, const float* smem, const int* sd1, int blk, int nb, float* red, int lane, int wid) {
+    const ReduceArgs<float, float>& r, const float* smem, const int* sd1, const int* sitem, int blk, int nb, float* red,
+    int lane, int wid) {
   static_assert(R1 == 32 && N1 == 16 * NW && kMmaRows * kPLd + kStackFloats <= WF, "fused core-1 shapes");
   const int g = lane >> 2, t = lane & 3;
   int off[16];  // the lane's elements of G: rows 16 mt + 8 h + g, columns 16 w + 4 t + c
@@ -405,8 +477,10 @@ __device__ void fused_core1_sums(
     const int dg = sd1[1 + ra];
     float d[2][2][4] = {}, e[2][2][4] = {}, f[2][2][4] = {};
 #pragma unroll 2
-    for (int s = ra / 2; s < (rb + 1) / 2; ++s) {
-      const bool in0 = 2 * s >= ra, in1 = 2 * s + 1 < rb;  // items 2s, 2s + 1 in the run (uniform)
+    for (int s = 0; s < kFusedItems / 2; ++s) {
+      const int2 its = *reinterpret_cast<const int2*>(sitem + 2 * s);
+      const bool in0 = its.x >= ra && its.x < rb, in1 = its.y >= ra && its.y < rb;  // in the run (uniform)
+      if (!(in0 || in1)) continue;
       const float* const ys = smem + (s >> 1) * WF;
       const float* const st = ys + kMmaRows * kPLd;  // the A stack of the warp holding items 2s, 2s + 1
       const int lr = 8 * (s & 1) + t;  // the warp's Y row of slot t; lr + 4: slot t + 4
@@ -488,6 +562,7 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
   extern __shared__ __align__(16) float fast_smem[];
   __shared__ int sd1[FUSED ? kFusedItems + 2 : 1];  // i_1 of the block's items, and of both neighbours
   __shared__ float sred[FUSED ? NW * 32 + 4 : 1];
+  __shared__ __align__(8) int sitem[FUSED ? kFusedItems : 2];  // the block-relative item of slot 4 w + s
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
   float* const wbuf = fast_smem + wid * fast_warp_floats(BWD, MMA);
   float* const t0s = wbuf;  // FMA path: T_0 transposed [R1][Q0]
@@ -505,12 +580,20 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
     }
   }
   const int it0 = (blockIdx.x * NW + wid) * kFastItemsPerWarp;
-  const int it1 = min(it0 + kFastItemsPerWarp, nitems);
+  const int s0 = FUSED ? static_cast<int>(blockIdx.x) * kFusedItems : 0;  // the block's first item
+  const int nb = FUSED ? min(kFusedItems, nitems - s0) : 0;
+  // The warp's items, by slot: it0 + slot, or (tensor-core backward) dealt by their work.
+  const DealtItems dealt =
+      FUSED ? deal_block_items(a.item_urow, a.urow_start, a.item_d1, a.item_d0, s0, nb, lane, wid) : DealtItems{};
+  const int nslots = FUSED ? dealt.n : min(it0 + kFastItemsPerWarp, nitems) - it0;
+  const int slot_it = FUSED ? s0 + dealt.item : it0 + lane;  // lane < nslots: slot lane's item
+  if constexpr (FUSED) {
+    if (lane < kFastItemsPerWarp) sitem[wid * kFastItemsPerWarp + lane] = dealt.item;
+  }
   const int j1 = (4 * lane) / R2, b0 = (4 * lane) % R2;
   // tensor cores: the warp's items as slots of the stacked operand, and their i_1 digits
-  const int nslots = it1 - it0;
-  const int d1_slot = MMA && lane < nslots ? a.item_d1[it0 + lane] : -1;
-  const int d0_slot = MMA && lane < nslots ? a.item_d0[it0 + lane] : 0;
+  const int d1_slot = !(MMA && lane < nslots) ? -1 : FUSED ? dealt.d1 : a.item_d1[slot_it];
+  const int d0_slot = !(MMA && lane < nslots) ? 0 : FUSED ? dealt.d0 : a.item_d0[slot_it];
   // Per run of equal i_1 among the slots: fn(G_1 slice, lane's row g kept, row g + 8 kept).
   // Bit i of slot_heads: slot i starts a run (tensor cores only).
   const unsigned slot_heads = MMA ? run_heads(lane, nslots, d1_slot, __shfl_up_sync(kAll, d1_slot, 1)) : 0u;
@@ -525,49 +608,49 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
   // FMA forward: the metadata of the warp's items is loaded up front, one value per lane (lane i:
   // item it0 + i; lane nslots: the end of the last item's rows), and each item's G_2 digits
   // during the item before, so no item starts on a chain of two dependent loads (item_urow,
-  // then urow_d2). The tensor-core backward loads only its items' first unique rows and first
-  // positions up front (lane nslots: the ends), so an item's row and position metadata are one
-  // round of independent loads (no registers to spare for more). The FMA backward and the
-  // tensor-core forward (both off by default) keep their per-item loads.
+  // then urow_d2). The tensor-core backward has its items' first unique rows and first
+  // positions, and their counts, from deal_block_items, so an item's row and position metadata
+  // are one round of independent loads (no registers to spare for more). The FMA backward and
+  // the tensor-core forward (both off by default) keep their per-item loads.
   constexpr bool PIPE = !BWD && !MMA;
   constexpr bool UR_UP = PIPE || (BWD && MMA);
   const int m_d0 = PIPE && lane < nslots ? a.item_d0[it0 + lane] : 0;
   const int m_d1 = PIPE && lane < nslots ? a.item_d1[it0 + lane] : 0;
-  const int m_ur = UR_UP && lane <= nslots && it0 < nitems ? a.item_urow[it0 + lane] : 0;
-  const int m_ps = BWD && MMA && lane <= nslots && it0 < nitems ? a.urow_start[m_ur] : 0;
+  const int m_ur = FUSED ? dealt.urow : PIPE && lane <= nslots && it0 < nitems ? a.item_urow[it0 + lane] : 0;
   // the G_2 digits of the n (<= 64) unique rows from v0 on: lane's row and row lane + 32
   auto load_d2 = [&](int v0, int n, int& x, int& y) {
     x = lane < n ? a.urow_d2[v0 + lane] : 0;
     y = lane + 32 < n ? a.urow_d2[v0 + lane + 32] : 0;
   };
   // the same for item it, from the up-front metadata
-  auto load_item_d2 = [&](int it, int& x, int& y) {
-    const int v0 = __shfl_sync(kAll, m_ur, it - it0);
-    load_d2(v0, __shfl_sync(kAll, m_ur, it - it0 + 1) - v0, x, y);
+  auto load_item_d2 = [&](int s, int& x, int& y) {  // (slot s)
+    const int v0 = __shfl_sync(kAll, m_ur, s);
+    load_d2(v0, __shfl_sync(kAll, m_ur, s + 1) - v0, x, y);
   };
   int next_d2a = 0, next_d2b = 0;
   // and the item's T_0 slice (lane < R1: column lane of G_0[i_0]), loaded during the item
   // before: the key order puts i_1 most significant, so consecutive items share G_1's slice
   // but not G_0's, and P waits on T_0.
   float next_t0[Q0];
-  auto load_t0 = [&](int it) {
-    const float* g0n = a.c0 + static_cast<int64_t>(__shfl_sync(kAll, m_d0, it - it0)) * S0;
+  auto load_t0 = [&](int s) {
+    const float* g0n = a.c0 + static_cast<int64_t>(__shfl_sync(kAll, m_d0, s)) * S0;
 #pragma unroll
     for (int j0 = 0; j0 < Q0; ++j0) next_t0[j0] = lane < R1 ? __ldg(g0n + j0 * R1 + lane) : 0.f;
   };
   if constexpr (PIPE) {
-    if (it0 < it1) {
-      load_item_d2(it0, next_d2a, next_d2b);
-      load_t0(it0);
+    if (nslots > 0) {
+      load_item_d2(0, next_d2a, next_d2b);
+      load_t0(0);
     }
   }
-  for (int it = it0; it < it1; ++it) {
-    const int s_it = it - it0;
+  for (int s_it = 0; s_it < nslots; ++s_it) {
+    const int it = FUSED ? __shfl_sync(kAll, slot_it, s_it) : it0 + s_it;
     // G_0[i_0] for the FMA product's T_0 (PIPE: loaded during the item before, load_t0)
     const float* g0 = PIPE ? nullptr : a.c0 + static_cast<int64_t>(a.item_d0[it]) * S0;
     const float* g1 = a.c1 + static_cast<int64_t>(PIPE ? __shfl_sync(kAll, m_d1, s_it) : a.item_d1[it]) * S1;
     const int u0 = UR_UP ? __shfl_sync(kAll, m_ur, s_it) : a.item_urow[it];
-    const int u1 = UR_UP ? __shfl_sync(kAll, m_ur, s_it + 1) : a.item_urow[it + 1];
+    const int cnt = FUSED ? __shfl_sync(kAll, dealt.counts, s_it) : 0;  // rows << 16 | positions
+    const int u1 = FUSED ? u0 + (cnt >> 16) : UR_UP ? __shfl_sync(kAll, m_ur, s_it + 1) : a.item_urow[it + 1];
     // Metadata of the item's rows (<= 64) and positions (<= 64), one load per lane,
     // handed around by shuffles: no row waits on a metadata load.
     const int nu = u1 - u0;
@@ -578,8 +661,8 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
     if constexpr (BWD) {
       sta = lane < nu ? a.urow_start[u0 + lane] : 0;
       stb = lane + 32 < nu ? a.urow_start[u0 + lane + 32] : 0;
-      p0 = UR_UP ? __shfl_sync(kAll, m_ps, s_it) : __shfl_sync(kAll, sta, 0);
-      p1 = UR_UP ? __shfl_sync(kAll, m_ps, s_it + 1) : a.urow_start[u1];
+      p0 = FUSED ? __shfl_sync(kAll, dealt.pos, s_it) : __shfl_sync(kAll, sta, 0);
+      p1 = FUSED ? p0 + (cnt & 0xffff) : a.urow_start[u1];
       const int np = p1 - p0;
       if (lane < np) {
         bga = a.sbag[p0 + lane];
@@ -623,16 +706,16 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
 #pragma unroll
         for (int j0 = 0; j0 < Q0; ++j0) t0s[lane * Q0 + j0] = next_t0[j0];
       }
-      if (it + 1 < it1) {  // lands during this item
-        load_item_d2(it + 1, next_d2a, next_d2b);
-        load_t0(it + 1);
+      if (s_it + 1 < nslots) {  // lands during this item
+        load_item_d2(s_it + 1, next_d2a, next_d2b);
+        load_t0(s_it + 1);
       }
     }
     __syncwarp();
     // P = T_0 G_1: acc[j0][c] for the lane's 4 columns, 4 lane + c (lane-per-b: c R2 + lane).
     float acc[Q0][4];
     if constexpr (MMA) {
-      if (it == it0) {  // P of all the warp's items on tensor cores
+      if (s_it == 0) {  // P of all the warp's items on tensor cores
         float* const ts = pys;  // stacked T_0 [16][kTLd], read into registers before P is stored
 #pragma unroll
         for (int i = 0; i < kFastItemsPerWarp; ++i) {
@@ -662,7 +745,7 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
       }
 #pragma unroll
       for (int j0 = 0; j0 < Q0; ++j0) {
-        const float* const prow = pys + ((it - it0) * Q0 + j0) * kPLd;
+        const float* const prow = pys + (s_it * Q0 + j0) * kPLd;
         if constexpr (LANE_B) {
 #pragma unroll
           for (int c = 0; c < 4; ++c) acc[j0][c] = prow[c * R2 + lane];
@@ -857,7 +940,7 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
       if constexpr (MMA) {  // Y joins the warp's stacked operand (its P rows are done with)
 #pragma unroll
         for (int j0 = 0; j0 < Q0; ++j0) {
-          float* const yrow = pys + ((it - it0) * Q0 + j0) * kPLd;
+          float* const yrow = pys + (s_it * Q0 + j0) * kPLd;
           if constexpr (LANE_B) {
 #pragma unroll
             for (int c = 0; c < 4; ++c) yrow[c * R2 + lane] = y[j0][c];
@@ -888,17 +971,18 @@ __global__ void __launch_bounds__(fast_warps(BWD, MMA) * 32, fast_min_blocks(BWD
   if constexpr (MMA && BWD) {  // dT_0 of all the warp's items on tensor cores
     __syncwarp();
     const int g = lane >> 2;
-    float* const dt_lo = a.dtbuf0 + static_cast<int64_t>(it0 + g / Q0) * S0 + (g % Q0) * R1;
-    float* const dt_hi = a.dtbuf0 + static_cast<int64_t>(it0 + (g + 8) / Q0) * S0 + ((g + 8) % Q0) * R1;
+    // (its slots' items: slot_it of lanes g / Q0 and (g + 8) / Q0; a slot out of the warp's runs writes nothing)
+    const int it_lo = __shfl_sync(kAll, slot_it, g / Q0), it_hi = __shfl_sync(kAll, slot_it, (g + 8) / Q0);
+    float* const dt_lo = a.dtbuf0 + static_cast<int64_t>(it_lo) * S0 + (g % Q0) * R1;
+    float* const dt_hi = a.dtbuf0 + static_cast<int64_t>(it_hi) * S0 + ((g + 8) % Q0) * R1;
     for_each_run([&](const float* g1r, bool lo_in, bool hi_in) {
       mma_prefix_grad<R1, N1, TF32>(lo_in, hi_in, g1r, pys, dt_lo, dt_hi, lane);
     });
     // the A operand of the core-1 sums into the warp's staging area, which it is done with
     store_t0_stack<R1, S0, TF32>(a.c0, d0_slot, nslots, g2s, lane);
     __syncthreads();
-    const int blk = blockIdx.x, s0 = blk * kFusedItems;
     fused_core1_sums<R1, N1, NW, fast_warp_floats(BWD, MMA), TF32>(
-        a.r1, fast_smem, sd1, blk, min(kFusedItems, nitems - s0), sred, lane, wid);
+        a.r1, fast_smem, sd1, sitem, blockIdx.x, nb, sred, lane, wid);
   }
 }
 
