@@ -15,7 +15,8 @@
 #   OUT                  results folder (default benchmarks/results/latest)
 #   BASELINES            space-separated checkout folders (their own scripts/gpu_build.sh builds them)
 #   BASELINE_BENCH_ARGS  their benchmark arguments (default: --dists uniform --optimizers sgd --profile 4096x20)
-#   BASELINE_TESTS=1     also run their tests/test_cuda_kernels.py
+#   BASELINE_TESTS=1     also run their tests/test_cuda_kernels.py (under TEST_TIMEOUT, default 300 s; a
+#                        baseline whose tests time out is not benchmarked)
 # Exit status: gpu_run.sh's, or 1 if a baseline failed to build or to run.
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_preamble.sh" || exit 1
 site=/tmp/site  # where scripts/gpu_setup.sh (run by gpu_run.sh) installs the carried wheels
@@ -43,12 +44,19 @@ for b in ${BASELINES:-}; do
     continue
   fi
   if [ "${BASELINE_TESTS:-0}" = 1 ]; then
-    (cd "$b" && PYTHONPATH=$PWD:$site "$py" -m pytest -m gpu -q -p no:cacheprovider tests/test_cuda_kernels.py) >"$d/pytest.log" 2>&1
-    status+=("$name: CUDA kernel tests rc=$? $(grep -E "passed|failed|error" "$d/pytest.log" | tail -1)")
+    (cd "$b" && PYTHONPATH=$PWD:$site timeout -k 10 "${TEST_TIMEOUT:-300}" "$py" -m pytest -m gpu -q -p no:cacheprovider \
+      tests/test_cuda_kernels.py) >"$d/pytest.log" 2>&1
+    trc=$?
+    status+=("$name: CUDA kernel tests rc=$trc $(grep -E "passed|failed|error" "$d/pytest.log" | tail -1)")
+    if [ "$trc" = 124 ] || [ "$trc" = 137 ]; then
+      status+=("$name: tests TIMED OUT (a hung kernel?), not benchmarked")
+      rc=1
+      continue
+    fi
   fi
   # shellcheck disable=SC2086
-  (cd "$b" && PYTHONPATH=$PWD:$site "$py" benchmarks/bench_tt_embedding_bag.py --device cuda --out-dir "$d" $baseline_args) \
-    >"$d/bench.log" 2>&1
+  (cd "$b" && PYTHONPATH=$PWD:$site timeout -k 10 "${BENCH_TIMEOUT:-1200}" "$py" benchmarks/bench_tt_embedding_bag.py \
+    --device cuda --out-dir "$d" $baseline_args) >"$d/bench.log" 2>&1
   brc=$?
   status+=("$name: benchmark rc=$brc")
   [ "$brc" = 0 ] && logs+=("$name=$d/bench.log") || rc=1

@@ -12,6 +12,8 @@
 #   SKIP_TESTS=1 / SKIP_BENCH=1   leave a stage out
 #   SKIP_KERNEL_TESTS=1           leave out tests/test_cuda_kernels.py (the other GPU tests still run)
 #   SKIP_OTHER_TESTS=1            leave out the other GPU test files (tests/test_cuda_kernels.py still runs)
+#   TEST_TIMEOUT / BENCH_TIMEOUT  seconds a test stage / the benchmark may take (default 300 / 1200): a hung
+#                                 kernel hangs its process, and a build whose tests timed out is not benchmarked
 #   RUN_NCCL_CHECK=1              run the multi-GPU hook below (when >= 2 GPUs)
 #   RUN_CACHE_BENCH=1             run benchmarks/bench_tt_cache.py (args: CACHE_BENCH_ARGS)
 #   RUN_HOST_BENCH=1              run benchmarks/bench_host_overhead.py (host time per part of a step)
@@ -49,6 +51,18 @@ fi
 "$py" -c 'import torchrec_tt as t; print("HAS_CPP_KERNELS", t.HAS_CPP_KERNELS, "HAS_CUDA_KERNELS", t.HAS_CUDA_KERNELS)' || true
 
 # 3. GPU tests
+# A kernel that never finishes (a full-mask shuffle that some lanes skip did, 2026-12-07) hangs the
+# test process: each stage runs under a time limit, and a timed-out stage stops the benchmark.
+test_limit=${TEST_TIMEOUT:-300}
+hung=0
+test_status() {  # NAME RC SUMMARY
+  if [ "$2" = 124 ] || [ "$2" = 137 ]; then
+    hung=1
+    status+=("$1: TIMED OUT after ${test_limit} s (a hung kernel?) ${3}")
+  else
+    status+=("$1: rc=$2 ${3}")
+  fi
+}
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # The CUDA-kernel tests run in a pytest process of their own (no torchrec /
   # fbgemm-gpu-cpu imported by other test modules; a crash in one run does not hide the
@@ -56,20 +70,21 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   if [ "${SKIP_KERNEL_TESTS:-0}" != 1 ]; then
     stamp "pytest -m gpu tests/test_cuda_kernels.py"
     # shellcheck disable=SC2086
-    "$py" -m pytest -m gpu -p no:cacheprovider ${PYTEST_ARGS:--q} tests/test_cuda_kernels.py 2>&1 | tee "$out/pytest.log"
+    timeout -k 10 "$test_limit" "$py" -m pytest -m gpu -p no:cacheprovider ${PYTEST_ARGS:--q} tests/test_cuda_kernels.py 2>&1 \
+      | tee "$out/pytest.log"
     rc=${PIPESTATUS[0]}
     summary=$(grep -E "passed|failed|error" "$out/pytest.log" | tail -1)
-    status+=("CUDA kernel tests (pytest -m gpu tests/test_cuda_kernels.py): rc=$rc ${summary}")
+    test_status "CUDA kernel tests (pytest -m gpu tests/test_cuda_kernels.py)" "$rc" "$summary"
   fi
   if [ "${SKIP_OTHER_TESTS:-0}" != 1 ]; then
     stamp "pytest -m gpu (the other test files)"
     # shellcheck disable=SC2086
-    "$py" -m pytest -m gpu -p no:cacheprovider ${PYTEST_ARGS:--q} tests --ignore=tests/test_cuda_kernels.py 2>&1 \
-      | tee "$out/pytest_other.log"
+    timeout -k 10 "$test_limit" "$py" -m pytest -m gpu -p no:cacheprovider ${PYTEST_ARGS:--q} tests \
+      --ignore=tests/test_cuda_kernels.py 2>&1 | tee "$out/pytest_other.log"
     rc=${PIPESTATUS[0]}
     summary=$(grep -E "passed|failed|error|no tests ran" "$out/pytest_other.log" | tail -1)
     [ "$rc" = 5 ] && rc=0  # no GPU tests collected there
-    status+=("other GPU tests (pytest -m gpu tests): rc=$rc ${summary}")
+    test_status "other GPU tests (pytest -m gpu tests)" "$rc" "$summary"
   fi
 fi
 
@@ -90,10 +105,13 @@ fi
 # ----------------------------------------------------------------------------------
 
 # 4. benchmark
-if [ "${SKIP_BENCH:-0}" != 1 ]; then
+if [ "$hung" = 1 ]; then
+  status+=("benchmark: FAILED, not run (a test stage timed out)")
+elif [ "${SKIP_BENCH:-0}" != 1 ]; then
   stamp "benchmark"
   # shellcheck disable=SC2086
-  "$py" benchmarks/bench_tt_embedding_bag.py --device cuda --out-dir "$out" ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"
+  timeout -k 10 "${BENCH_TIMEOUT:-1200}" "$py" benchmarks/bench_tt_embedding_bag.py --device cuda --out-dir "$out" \
+    ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"
   rc=${PIPESTATUS[0]}
   status+=("benchmark: rc=$rc")
 fi
@@ -132,5 +150,5 @@ echo "================ gpu_run summary ================"
 for s in "${status[@]}"; do echo "  $s"; done
 md=$(ls -t "$out"/*.md 2>/dev/null | head -1)
 [ -n "$md" ] && sed -n '/^| optimizer/,$p' "$md"
-case "${status[*]}" in *FAILED*|*"rc=1"*|*"rc=2"*) exit 1 ;; esac
+case "${status[*]}" in *FAILED*|*"TIMED OUT"*|*"rc=1"*|*"rc=2"*|*"rc=124"*|*"rc=137"*) exit 1 ;; esac
 exit 0
