@@ -4,12 +4,12 @@ One 2-process gloo spawn: DTensor state under RW and CW (``LocalShardsWrapper`` 
 the parameters and optimizer state), a DCP save with DTensor, loads under TW/RW/CW with ShardedTensor
 output and with DTensor output (outputs equal after the reload and after one more fused-optimizer
 step), a ShardedTensor checkpoint loaded with DTensor output, and a mislaid DTensor refused with
-nothing loaded. Then one 1-process spawn loads both world-size-2 checkpoints (2 -> 1).
+nothing loaded; row-wise Adagrad state saved under RW and under CW with a table on one rank only (its
+state held by that rank) and loaded across those layouts (outputs equal after one more step on every
+rank). Then one 1-process spawn loads both world-size-2 checkpoints (2 -> 1).
 """
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -161,20 +161,29 @@ def _world2_worker(rank, world_size, ckpt_dir):
     before = _step(rsrc, rank, world_size, 7, train=False)
     _step(rsrc, rank, world_size, 3)
     after = _step(rsrc, rank, world_size, 8, train=False)
-    # "cw" with t1 on one rank: its row-wise state cannot be checkpointed yet; refused on every rank up front
+    # "cw" with t1 on the last rank only (rank 0 holds no column of t1): the row-wise state of a column-wise
+    # first core is saved once, from its owner rank, as a one-piece tensor that every rank has
     lone, _ = build_dmp(rank, world_size, plans["cw"], ROWWISE, False, seed=13, output_dtensor=False)
-    try:
-        save_checkpoint(lone, f"{ckpt_dir}/never_written", lone.fused_optimizer)
-    except NotImplementedError as e:
-        res["lone_cw_rowwise_msg"] = str(e)
-    res["lone_cw_rowwise_not_written"] = not os.path.exists(f"{ckpt_dir}/never_written")
+    res["rowwise_lone_cw"] = _describe(lone)
+    for s in range(2):
+        _step(lone, rank, world_size, s)
+    save_checkpoint(lone, f"{ckpt_dir}/rowwise_lone_cw", lone.fused_optimizer)
+    lone_before = _step(lone, rank, world_size, 7, train=False)
+    _step(lone, rank, world_size, 3)
+    lone_after = _step(lone, rank, world_size, 8, train=False)
     rowwise_plans = _plans(world_size, cw_t1_on_last_rank=False)
-    for kind, out in (("cw", "st"), ("tw", "dt")):
-        dmp, _ = build_dmp(rank, world_size, rowwise_plans[kind], ROWWISE, False, seed=13, output_dtensor=out == "dt")
-        load_checkpoint(dmp, f"{ckpt_dir}/rowwise_rw_dt", dmp.fused_optimizer)
-        errs[f"rowwise rw_dt -> {kind}_{out}"] = _max_diff(before, _step(dmp, rank, world_size, 7, train=False))
+    loads = [("rowwise_rw_dt", plans["cw"], "lone_cw", "dt"), ("rowwise_lone_cw", rowwise_plans["cw"], "cw", "dt"),
+             ("rowwise_lone_cw", rowwise_plans["rw"], "rw", "st")]
+    loads += [("rowwise_rw_dt", rowwise_plans[kind], kind, out) for kind, out in (("cw", "st"), ("tw", "dt"))]
+    # t1's columns on both ranks (owner rank 0): rank 1's copy of the loaded state comes by broadcast, and the
+    # outputs after one more step (each rank updates its own columns with it) check it on both ranks
+    for ckpt, plan, kind, out in loads:
+        want_before, want_after = (before, after) if ckpt == "rowwise_rw_dt" else (lone_before, lone_after)
+        dmp, _ = build_dmp(rank, world_size, plan, ROWWISE, False, seed=17, output_dtensor=out == "dt")
+        load_checkpoint(dmp, f"{ckpt_dir}/{ckpt}", dmp.fused_optimizer)
+        errs[f"{ckpt} -> {kind}_{out}"] = _max_diff(want_before, _step(dmp, rank, world_size, 7, train=False))
         _step(dmp, rank, world_size, 3)
-        errs[f"rowwise rw_dt -> {kind}_{out} after step"] = _max_diff(after, _step(dmp, rank, world_size, 8, train=False))
+        errs[f"{ckpt} -> {kind}_{out} after step"] = _max_diff(want_after, _step(dmp, rank, world_size, 8, train=False))
     # --- a rank without a piece (e.g. an empty row-wise shard): 1-D DTensor saved from rank 0, loaded on rank 1
     import torch.distributed.checkpoint as dcp
     from torch.distributed._shard.metadata import ShardMetadata
@@ -256,8 +265,9 @@ def test_dtensor_checkpoints_reshard_across_plans_output_types_and_world_sizes(t
         assert "laid out for another plan" in res["mislaid_msg"] and "nothing was loaded" in res["mislaid_msg"], res
         assert "embedding_bags.t0.canonical_cores.0" in res["mislaid_msg"], res["mislaid_msg"]
         assert res["mislaid_unchanged"], res
-        assert "'t1'" in res["lone_cw_rowwise_msg"] and "Nothing was saved" in res["lone_cw_rowwise_msg"], res
-        assert res["lone_cw_rowwise_not_written"], res
+        # row-wise Adagrad, CW: t1's [p_1] state held by its owner (rank 1), a one-piece tensor on both ranks
+        t1_state = res["rowwise_lone_cw"]["optim"]["embedding_bags.t1.canonical_cores.0"]["t1.cores.0.momentum1"]
+        assert t1_state == {"type": "ShardedTensor", "shape": [4], "pieces": [([0], [4])] if rank == 1 else []}, t1_state
         assert res["regular_dtensor"] == ([True] if rank == 1 else []), res["regular_dtensor"]
         assert res["one_rank"] == ([0.0, 1.0, 2.0, 3.0, 4.0, 5.0] if rank == 1 else [0.0] * 6), res["one_rank"]
     (res,) = run_multiprocess(_world1_worker, world_size=1, ckpt_dir=str(tmp_path))

@@ -62,21 +62,7 @@ def _drop_caches_missing_from(
         del model_state[key]
 
 
-def _check_optimizer_state_is_checkpointable(model: nn.Module) -> None:
-    """Refuse, on every rank alike, optimizer state this version cannot checkpoint (see the README)."""
-    for name, module in model.named_modules():
-        tables = getattr(module, "unsaveable_optimizer_tables", None)
-        if tables:
-            raise NotImplementedError(
-                f"{name or 'model'}: the row-wise Adagrad state of column-wise table(s) {tables}, whose column "
-                "shards do not cover every rank, cannot be checkpointed yet; place their column shards on all "
-                "ranks, use EXACT_ADAGRAD / EXACT_SGD, or save without the optimizer. Nothing was saved or loaded."
-            )
-
-
 def _state(model: nn.Module, optimizer: Any | None) -> dict[str, Any]:
-    if optimizer is not None:
-        _check_optimizer_state_is_checkpointable(model)
     state: dict[str, Any] = {"model": model.state_dict()}
     if optimizer is not None:
         state["optim"] = optimizer.state_dict()

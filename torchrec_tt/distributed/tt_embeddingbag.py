@@ -49,7 +49,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -292,11 +292,23 @@ class TTFusedOptimizer(FusedOptimizer):
         state (dict): ``param -> {state_name: tensor}``.
         shards (list[TTLocalShard]): shards whose learning rate follows ``lr``.
         lr (float): initial learning rate.
+        after_load (callable, optional): run (on every rank) when a state dict has been loaded (KeyedOptimizer's
+            ``post_load_state_dict``, also reached through a ``CombinedOptimizer``), e.g. to copy state that
+            the checkpoint holds once to its other replicas.
     """
 
-    def __init__(self, params: dict[str, Any], state: dict[Any, Any], shards: list[TTLocalShard], lr: float) -> None:
+    def __init__(
+        self, params: dict[str, Any], state: dict[Any, Any], shards: list[TTLocalShard], lr: float,
+        after_load: Callable[[], None] | None = None,
+    ) -> None:
         self._shards = shards
+        self._after_load = after_load
         super().__init__(params, state, [{"params": list(params.values()), "lr": lr}])
+
+    def post_load_state_dict(self) -> None:
+        super().post_load_state_dict()
+        if self._after_load is not None:
+            self._after_load()
 
     def step(self, closure: Any = None) -> None:
         lr = float(self.param_groups[0]["lr"])
@@ -432,21 +444,6 @@ class ShardedTTEmbeddingBagCollection(
         self._optim = self._build_fused_optimizer()
         self._register_state_dict_hook(ShardedTTEmbeddingBagCollection._state_dict_hook)
         self._register_load_state_dict_pre_hook(self._load_state_dict_pre_hook, with_module=False)
-
-    @property
-    def unsaveable_optimizer_tables(self) -> list[str]:
-        """Column-wise tables with row-wise Adagrad whose shards miss some rank (state not checkpointable)."""
-        names = []
-        for c in self._configs:
-            ps = self._plan[c.name]
-            if ps.sharding_type != ShardingType.COLUMN_WISE.value:
-                continue
-            if self._table_optim[c.name].optimizer != FusedOptimizerKind.ROWWISE_ADAGRAD:
-                continue
-            ranks = {md.placement.rank() for md in ps.sharding_spec.shards} if ps.sharding_spec is not None else set()
-            if ranks != set(range(self._env.world_size)):
-                names.append(c.name)
-        return names
 
     # ------------------------------------------------------------------ validation
     def _tables_of(self, sharding_type: str) -> list[str]:
@@ -827,25 +824,48 @@ class ShardedTTEmbeddingBagCollection(
                             state_name: self._make_distributed(state_local, entry.shards, entry.global_shape, dim)
                         }
                     elif opt == FusedOptimizerKind.ROWWISE_ADAGRAD:
-                        rowwise = self._rowwise_state_tensor(c, entry, state_local)
-                        # Column-wise: the state is replicated on the ranks that hold a column shard; the others
-                        # have no entry (a None would break DCP's save plan).
-                        if rowwise is not None:
-                            self._optim_state_tensors[key] = {state_name: rowwise}
+                        self._optim_state_tensors[key] = {state_name: self._rowwise_state_tensor(c, entry, state_local)}
                 elif shard is not None:
                     self._ckpt_tensors[key] = local
                     if state_local is not None:
                         self._optim_state_tensors[key] = {state_name: state_local}
 
     def _rowwise_state_tensor(self, config: EmbeddingBagConfig, entry: _CkptEntry, local: Tensor | None) -> Any:
-        """Row-wise state of a sharded first core: sharded by rows (RW), replicated across column shards (CW)."""
-        if self._plan[config.name].sharding_type == ShardingType.COLUMN_WISE.value:
-            return local
+        """Row-wise state of a sharded first core: sharded by rows (RW), or (CW) held by the table's owner rank.
+
+        Column-wise, every rank with a column shard holds the same state (its updates use the all-reduced
+        row norms); the checkpoint takes the owner's copy, a one-piece distributed tensor that every rank
+        has (also ranks without a column shard), and ``_broadcast_cw_rowwise_states`` gives a loaded state
+        to the other holders.
+        """
         dim = 1 if is_tt_config(config) else 0
+        if self._plan[config.name].sharding_type == ShardingType.COLUMN_WISE.value:
+            owner = self._owner_rank(config.name)
+            placement = next(str(m.placement) for m in entry.shards if m.placement.rank() == owner)
+            n = entry.global_shape[dim]
+            return self._make_distributed(local if self._env.rank == owner else None, [ShardMetadata([0], [n], placement)], (n,), 0)
         metas = [
             ShardMetadata([m.shard_offsets[dim]], [m.shard_sizes[dim]], str(m.placement)) for m in entry.shards
         ]
         return self._make_distributed(local, metas, (entry.global_shape[dim],), 0)
+
+    @torch.no_grad()
+    def _broadcast_cw_rowwise_states(self) -> None:
+        """After a load: the owner's row-wise state of each column-wise first core to the table's other ranks."""
+        if self._env.world_size <= 1 or self._device.type == "meta":
+            return
+        shard_of = {s.table_name: s for s in self._local_shards()}
+        for c in sorted(self._configs, key=lambda c: c.name):
+            ps = self._plan[c.name]
+            if ps.sharding_type != ShardingType.COLUMN_WISE.value or len(set(ps.ranks or [])) <= 1:
+                continue
+            if self._table_optim[c.name].optimizer != FusedOptimizerKind.ROWWISE_ADAGRAD:
+                continue
+            shard = shard_of.get(c.name)
+            buf = shard.optimizer_state_0 if shard is not None else torch.zeros(
+                tt_config_shapes(c)[0][0], device=self._device
+            )
+            dist.broadcast(buf, group=self._env.process_group, group_src=self._owner_rank(c.name))
 
     def _build_fused_optimizer(self) -> KeyedOptimizer:
         fused = {c.name for c in self._configs if self._table_optim[c.name].optimizer is not None}
@@ -866,7 +886,7 @@ class ShardedTTEmbeddingBagCollection(
                 params[key] = self._ckpt_tensors[key]
                 state[params[key]] = self._optim_state_tensors.get(key, {})
         shards = [s for s in self._local_shards() if s.table_name in fused]
-        return TTFusedOptimizer(params, state, shards, next(iter(lrs)))
+        return TTFusedOptimizer(params, state, shards, next(iter(lrs)), self._broadcast_cw_rowwise_states)
 
     @staticmethod
     def _state_dict_hook(module: ShardedTTEmbeddingBagCollection, destination: dict[str, Any], prefix: str, _meta: Any) -> dict[str, Any]:
