@@ -151,6 +151,42 @@ def test_cached_tables_never_data_parallel_nor_column_wise_with_rowwise_adagrad(
     assert plan.plan[""]["cached"].sharding_type != "data_parallel"
 
 
+def _stacked_column_shards(plan):
+    """TT tables whose column-wise shards share a rank (the sharded module holds one per rank)."""
+    return sorted(
+        name for module_plan in plan.plan.values() for name, ps in module_plan.items()
+        if ps.sharding_type == "column_wise" and len(set(ps.ranks)) < len(ps.ranks)
+    )
+
+
+def test_column_wise_plans_give_each_rank_at_most_one_shard_of_a_table(caplog):
+    """D = 128 on 2 ranks: torchrec's partitioner placed 4 column shards of 32 as ranks [0, 1, 0, 1], a plan
+    the sharded module refuses. The constraints now ask for shards of D / world_size (whole first-core
+    slices), and a plan that still stacks shards (a user's smaller min_partition) is made again without
+    column-wise sharding for that table."""
+    tables = [TTEmbeddingBagConfig(name=f"t{i}", num_embeddings=1_000_000, embedding_dim=128, feature_names=[f"f{i}"],
+                                   tt_ranks=[16, 16]) for i in range(3)]
+    model = TTEmbeddingBagCollection(tables, device="meta")
+    topology = Topology(world_size=2, compute_device="cuda", hbm_cap=GiB, ddr_cap=4 * GiB)
+    sharders = [TTEmbeddingBagCollectionSharder(fused_params=FUSED)]
+
+    def constraints(min_partition=None):
+        return {t.name: ParameterConstraints(sharding_types=["column_wise", "table_wise"], min_partition=min_partition)
+                for t in tables}
+
+    planner, plan = _plan(model, topology, sharders, constraints=constraints())
+    assert {c.min_partition for c in planner._constraints.values()} == {64}
+    column_wise = {n: ps for n, ps in plan.plan[""].items() if ps.sharding_type == "column_wise"}
+    assert column_wise, plan  # column-wise is still chosen where it pays
+    for ps in column_wise.values():
+        assert sorted(ps.ranks) == [0, 1] and [m.shard_sizes for m in ps.sharding_spec.shards] == [[1_000_000, 64]] * 2
+    with caplog.at_level("WARNING", logger="torchrec_tt.distributed.planner"):
+        _, plan = _plan(model, topology, sharders, constraints=constraints(min_partition=32))
+    assert _stacked_column_shards(plan) == [], plan
+    replanned = {r.getMessage().split("'")[1] for r in caplog.records if "planning it again" in r.getMessage()}
+    assert replanned and all(plan.plan[""][n].sharding_type == "table_wise" for n in replanned), (replanned, plan)
+
+
 def test_tt_compute_scale_follows_the_measured_ratios_and_the_device_default():
     from torchrec_tt.distributed.planner import DEFAULT_FLOPS_PER_BYTE, TTPerfEstimator, tt_compute_scale
 

@@ -23,7 +23,7 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.shard_estimators import EmbeddingPerfEstimator, EmbeddingStorageEstimator
 from torchrec.distributed.planner.types import Perf, ShardEstimator, ShardingOption, Storage
-from torchrec.distributed.types import ShardingType
+from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
 from torchrec_tt.distributed.tt_embeddingbag import TT_COMPUTE_KERNEL, resolve_table_optimizer
@@ -260,7 +260,8 @@ def tt_parameter_constraints(
 
     For each table of every ``TTEmbeddingBagCollection`` in ``model``: the TT compute
     kernel; row-wise / table-row-wise only when the row block is whole first-core
-    slices for this topology; column-wise shards of whole first-core slices; a cached
+    slices for this topology; column-wise shards of whole first-core slices, at most one
+    per rank (the sharded module holds one shard of a table per rank); a cached
     table (``use_cache=True``) never data-parallel, nor column-wise when its fused
     optimizer is row-wise Adagrad (the sharded module refuses both). User constraints
     for a table are kept (their sharding types are intersected).
@@ -288,7 +289,8 @@ def tt_parameter_constraints(
                 allowed.append(ShardingType.ROW_WISE.value)
             if local and world % local == 0 and math.ceil(config.num_embeddings / local) % p_inner == 0:
                 allowed.append(ShardingType.TABLE_ROW_WISE.value)
-            block = _aligned_cw_block(config)
+            # no more column shards than ranks (the sharded module holds one shard of a table per rank)
+            block = _aligned_cw_block(config, max(32, math.ceil(config.embedding_dim / world)))
             if block is not None and block < config.embedding_dim:
                 allowed.append(ShardingType.COLUMN_WISE.value)
             if uses_cache(config):
@@ -317,6 +319,53 @@ def tt_parameter_constraints(
                     sharding_types=allowed, compute_kernels=[TT_COMPUTE_KERNEL], min_partition=block
                 )
     return out
+
+
+class _TTEnumerator(EmbeddingEnumerator):
+    """``EmbeddingEnumerator`` whose cached search space (kept per module and sharders) can be dropped."""
+
+    def forget_search_space(self) -> None:
+        """Enumerate again at the next call (the constraints changed)."""
+        self._last_stored_module = None
+
+
+class _TTShardingPlanner(EmbeddingShardingPlanner):
+    """``EmbeddingShardingPlanner`` whose plans never give one rank two column-wise shards of a TT table.
+
+    The constraints cap a TT table's column shards at the world size, but the partitioner may still
+    stack two of them on one rank (or a user's ``min_partition`` may ask for more shards than ranks):
+    such a table is planned again without column-wise sharding (logged), until the plan has none.
+    """
+
+    def __init__(self, *args: Any, tt_constraints: dict[str, ParameterConstraints], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._tt_constraints = tt_constraints
+
+    def plan(self, module: nn.Module, sharders: list[ModuleSharder[nn.Module]]) -> ShardingPlan:
+        while True:
+            plan = super().plan(module, sharders)
+            stacked = sorted(
+                name
+                for module_plan in plan.plan.values()
+                for name, ps in module_plan.items()
+                if getattr(ps, "compute_kernel", None) == TT_COMPUTE_KERNEL
+                and ps.sharding_type == ShardingType.COLUMN_WISE.value
+                and len(set(ps.ranks or [])) < len(ps.ranks or [])
+            )
+            if not stacked:
+                return plan
+            for name in stacked:
+                c = self._tt_constraints.setdefault(
+                    name, ParameterConstraints(sharding_types=[st.value for st in ShardingType], compute_kernels=[TT_COMPUTE_KERNEL])
+                )
+                logger.warning(
+                    "TT table '%s': the plan put two of its column-wise shards on one rank (ranks %s), which the "
+                    "sharded module cannot hold; planning it again without column-wise sharding", name,
+                    next(ps.ranks for mp in plan.plan.values() for n, ps in mp.items() if n == name),
+                )
+                c.sharding_types = [st for st in (c.sharding_types or []) if st != ShardingType.COLUMN_WISE.value]
+            if isinstance(self._enumerator, _TTEnumerator):
+                self._enumerator.forget_search_space()
 
 
 def make_tt_planner(
@@ -353,11 +402,13 @@ def make_tt_planner(
     """
     if model is not None:
         constraints = tt_parameter_constraints(model, topology, constraints, fused_params)
+    constraints = {} if constraints is None else constraints  # one dict: the planner may tighten it
     estimators = [
         TTPerfEstimator(topology, constraints, flops_per_byte=flops_per_byte),
         TTStorageEstimator(topology, constraints, fused_params=fused_params),
     ]
-    enumerator = EmbeddingEnumerator(topology=topology, batch_size=batch_size, constraints=constraints, estimator=estimators)
-    return EmbeddingShardingPlanner(
-        topology=topology, batch_size=batch_size, enumerator=enumerator, constraints=constraints, **planner_kwargs
+    enumerator = _TTEnumerator(topology=topology, batch_size=batch_size, constraints=constraints, estimator=estimators)
+    return _TTShardingPlanner(
+        topology=topology, batch_size=batch_size, enumerator=enumerator, constraints=constraints,
+        tt_constraints=constraints, **planner_kwargs,
     )
