@@ -6,7 +6,8 @@ output and with DTensor output (outputs equal after the reload and after one mor
 step), a ShardedTensor checkpoint loaded with DTensor output, and a mislaid DTensor refused with
 nothing loaded; row-wise Adagrad state saved under RW and under CW with a table on one rank only (its
 state held by that rank) and loaded across those layouts (outputs equal after one more step on every
-rank). Then one 1-process spawn loads both world-size-2 checkpoints (2 -> 1).
+rank). Then one 1-process spawn loads the world-size-2 checkpoints (2 -> 1), the row-wise one of the
+column-wise table on one rank included.
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ def _world2_worker(rank, world_size, ckpt_dir):
     lone_before = _step(lone, rank, world_size, 7, train=False)
     _step(lone, rank, world_size, 3)
     lone_after = _step(lone, rank, world_size, 8, train=False)
+    torch.save({"before": lone_before, "after": lone_after}, f"{ckpt_dir}/rowwise_lone_expected_{rank}.pt")
     rowwise_plans = _plans(world_size, cw_t1_on_last_rank=False)
     loads = [("rowwise_rw_dt", plans["cw"], "lone_cw", "dt"), ("rowwise_lone_cw", rowwise_plans["cw"], "cw", "dt"),
              ("rowwise_lone_cw", rowwise_plans["rw"], "rw", "st")]
@@ -202,13 +204,16 @@ def _world2_worker(rank, world_size, ckpt_dir):
 
 
 def _world1_worker(rank, world_size, ckpt_dir):
-    """Load the world-size-2 checkpoints (DTensor and ShardedTensor) at world size 1, then one step."""
+    """Load the world-size-2 checkpoints (DTensor, ShardedTensor, row-wise CW) at world size 1, then one step."""
     from tt_dist_cases import build_dmp
 
     from torchrec_tt.distributed.checkpoint import load_checkpoint
 
-    expected = [torch.load(f"{ckpt_dir}/expected_{r}.pt") for r in range(SAVED_WORLD_SIZE)]
-    full = {when: {n: torch.cat([e[when][n] for e in expected]) for n in expected[0][when]} for when in expected[0]}
+    def whole_batch(prefix):
+        parts = [torch.load(f"{ckpt_dir}/{prefix}_{r}.pt") for r in range(SAVED_WORLD_SIZE)]
+        return {when: {n: torch.cat([p[when][n] for p in parts]) for n in parts[0][when]} for when in parts[0]}
+
+    full, lone = whole_batch("expected"), whole_batch("rowwise_lone_expected")
     plans = _plans(world_size)
     errs = {}
     describe = {}
@@ -221,6 +226,12 @@ def _world1_worker(rank, world_size, ckpt_dir):
         errs[name] = _max_diff(full["before"], _step(dmp, rank, world_size, 10, train=False))
         _step(dmp, rank, world_size, 4)
         errs[f"{name} after step"] = _max_diff(full["after"], _step(dmp, rank, world_size, 11, train=False))
+    # the row-wise state of a column-wise table held by one rank of two, loaded at world size 1
+    dmp, _ = build_dmp(rank, world_size, plans["cw"], ROWWISE, False, seed=23, output_dtensor=False)
+    load_checkpoint(dmp, f"{ckpt_dir}/rowwise_lone_cw", dmp.fused_optimizer)
+    errs["rowwise_lone_cw(W=2) -> cw_st(W=1)"] = _max_diff(lone["before"], _step(dmp, rank, world_size, 7, train=False))
+    _step(dmp, rank, world_size, 3)
+    errs["rowwise_lone_cw(W=2) -> cw_st(W=1) after step"] = _max_diff(lone["after"], _step(dmp, rank, world_size, 8, train=False))
     return {"errs": errs, "cw_dt": describe}
 
 
