@@ -185,6 +185,10 @@ def test_column_wise_plans_give_each_rank_at_most_one_shard_of_a_table(caplog):
     assert _stacked_column_shards(plan) == [], plan
     replanned = {r.getMessage().split("'")[1] for r in caplog.records if "planning it again" in r.getMessage()}
     assert replanned and all(plan.plan[""][n].sharding_type == "table_wise" for n in replanned), (replanned, plan)
+    # column-wise alone cannot be planned again: a clear error instead of a plan the module refuses
+    only_cw = {t.name: ParameterConstraints(sharding_types=["column_wise"], min_partition=32) for t in tables}
+    with pytest.raises(ValueError, match="TT table 't.*column-wise is its only allowed sharding type"):
+        _plan(model, topology, sharders, constraints=only_cw)
 
 
 def test_tt_compute_scale_follows_the_measured_ratios_and_the_device_default():

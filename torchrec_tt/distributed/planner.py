@@ -334,7 +334,8 @@ class _TTShardingPlanner(EmbeddingShardingPlanner):
 
     The constraints cap a TT table's column shards at the world size, but the partitioner may still
     stack two of them on one rank (or a user's ``min_partition`` may ask for more shards than ranks):
-    such a table is planned again without column-wise sharding (logged), until the plan has none.
+    such a table is planned again without column-wise sharding (logged), until the plan has none. A
+    table constrained to column-wise sharding alone raises ``ValueError`` instead.
     """
 
     def __init__(self, *args: Any, tt_constraints: dict[str, ParameterConstraints], **kwargs: Any) -> None:
@@ -355,15 +356,22 @@ class _TTShardingPlanner(EmbeddingShardingPlanner):
             if not stacked:
                 return plan
             for name in stacked:
+                ranks = next(ps.ranks for mp in plan.plan.values() for n, ps in mp.items() if n == name)
                 c = self._tt_constraints.setdefault(
                     name, ParameterConstraints(sharding_types=[st.value for st in ShardingType], compute_kernels=[TT_COMPUTE_KERNEL])
                 )
+                others = [st for st in (c.sharding_types or []) if st != ShardingType.COLUMN_WISE.value]
+                if not others:
+                    raise ValueError(
+                        f"TT table '{name}': the plan put two of its column-wise shards on one rank (ranks {ranks}), "
+                        "which the sharded module cannot hold, and column-wise is its only allowed sharding type; "
+                        "allow another one, or a min_partition of at least embedding_dim / world_size"
+                    )
                 logger.warning(
                     "TT table '%s': the plan put two of its column-wise shards on one rank (ranks %s), which the "
-                    "sharded module cannot hold; planning it again without column-wise sharding", name,
-                    next(ps.ranks for mp in plan.plan.values() for n, ps in mp.items() if n == name),
+                    "sharded module cannot hold; planning it again without column-wise sharding", name, ranks,
                 )
-                c.sharding_types = [st for st in (c.sharding_types or []) if st != ShardingType.COLUMN_WISE.value]
+                c.sharding_types = others
             if isinstance(self._enumerator, _TTEnumerator):
                 self._enumerator.forget_search_space()
 
@@ -402,7 +410,7 @@ def make_tt_planner(
     """
     if model is not None:
         constraints = tt_parameter_constraints(model, topology, constraints, fused_params)
-    constraints = {} if constraints is None else constraints  # one dict: the planner may tighten it
+    constraints = dict(constraints or {})  # one dict for the planner, the enumerator and the estimators: it may tighten it
     estimators = [
         TTPerfEstimator(topology, constraints, flops_per_byte=flops_per_byte),
         TTStorageEstimator(topology, constraints, fused_params=fused_params),
