@@ -61,6 +61,30 @@ def _step(dmp, rank, world_size, seed, train=True):
     return {n: v.detach() for n, v in out.items()}
 
 
+def _save_after_two_steps(dmp, rank, world_size, path):
+    """Two training steps and a DCP save (optimizer included); then the outputs that a load of it must
+    give: before and after one more step."""
+    from torchrec_tt.distributed.checkpoint import save_checkpoint
+
+    for s in range(2):
+        _step(dmp, rank, world_size, s)
+    save_checkpoint(dmp, path, dmp.fused_optimizer)
+    before = _step(dmp, rank, world_size, 7, train=False)
+    _step(dmp, rank, world_size, 3)
+    return before, _step(dmp, rank, world_size, 8, train=False)
+
+
+def _load_and_compare(dmp, rank, world_size, path, want, errs, name):
+    """Load ``path`` into ``dmp``; ``errs[name]`` (and ``name + ' after step'``): the largest differences from
+    the saved model's outputs (``want``: before, after) before and after one more step."""
+    from torchrec_tt.distributed.checkpoint import load_checkpoint
+
+    load_checkpoint(dmp, path, dmp.fused_optimizer)
+    errs[name] = _max_diff(want[0], _step(dmp, rank, world_size, 7, train=False))
+    _step(dmp, rank, world_size, 3)
+    errs[f"{name} after step"] = _max_diff(want[1], _step(dmp, rank, world_size, 8, train=False))
+
+
 def _max_diff(a, b):
     assert sorted(a) == sorted(b), (sorted(a), sorted(b))
     return max(float((a[n] - b[n]).abs().max()) for n in a)
@@ -104,12 +128,7 @@ def _world2_worker(rank, world_size, ckpt_dir):
     # --- source: RW with DTensor output, two steps, DCP save with DTensor
     src, _ = build_dmp(rank, world_size, plans["rw"], ADAGRAD, False, seed=0, output_dtensor=True)
     res["rw_dt"] = _describe(src)
-    for s in range(2):
-        _step(src, rank, world_size, s)
-    save_checkpoint(src, f"{ckpt_dir}/rw_dt", src.fused_optimizer)
-    before = _step(src, rank, world_size, 7, train=False)
-    _step(src, rank, world_size, 3)
-    after = _step(src, rank, world_size, 8, train=False)
+    want = _save_after_two_steps(src, rank, world_size, f"{ckpt_dir}/rw_dt")
     # --- load under TW/RW/CW, with ShardedTensor output and with DTensor output
     targets = {}
     for kind in ("tw", "rw", "cw"):
@@ -118,10 +137,7 @@ def _world2_worker(rank, world_size, ckpt_dir):
             name = f"{kind}_{out}"
             if name in ("cw_dt", "rw_st"):
                 res[name] = _describe(dmp)
-            load_checkpoint(dmp, f"{ckpt_dir}/rw_dt", dmp.fused_optimizer)
-            errs[f"rw_dt -> {name}"] = _max_diff(before, _step(dmp, rank, world_size, 7, train=False))
-            _step(dmp, rank, world_size, 3)
-            errs[f"rw_dt -> {name} after step"] = _max_diff(after, _step(dmp, rank, world_size, 8, train=False))
+            _load_and_compare(dmp, rank, world_size, f"{ckpt_dir}/rw_dt", want, errs, f"rw_dt -> {name}")
             targets[name] = dmp
     # --- save again: CW with DTensor output, TW with ShardedTensor output (all targets hold the same state)
     save_checkpoint(targets["cw_dt"], f"{ckpt_dir}/cw_dt", targets["cw_dt"].fused_optimizer)
@@ -156,23 +172,13 @@ def _world2_worker(rank, world_size, ckpt_dir):
     # --- row-wise Adagrad: 1-D optimizer state as a Shard(0) DTensor under RW
     rsrc, _ = build_dmp(rank, world_size, plans["rw"], ROWWISE, False, seed=0, output_dtensor=True)
     res["rowwise_rw_dt"] = _describe(rsrc)
-    for s in range(2):
-        _step(rsrc, rank, world_size, s)
-    save_checkpoint(rsrc, f"{ckpt_dir}/rowwise_rw_dt", rsrc.fused_optimizer)
-    before = _step(rsrc, rank, world_size, 7, train=False)
-    _step(rsrc, rank, world_size, 3)
-    after = _step(rsrc, rank, world_size, 8, train=False)
+    want_rw = _save_after_two_steps(rsrc, rank, world_size, f"{ckpt_dir}/rowwise_rw_dt")
     # "cw" with t1 on the last rank only (rank 0 holds no column of t1): the row-wise state of a column-wise
     # first core is saved once, from its owner rank, as a one-piece tensor that every rank has
     lone, _ = build_dmp(rank, world_size, plans["cw"], ROWWISE, False, seed=13, output_dtensor=False)
     res["rowwise_lone_cw"] = _describe(lone)
-    for s in range(2):
-        _step(lone, rank, world_size, s)
-    save_checkpoint(lone, f"{ckpt_dir}/rowwise_lone_cw", lone.fused_optimizer)
-    lone_before = _step(lone, rank, world_size, 7, train=False)
-    _step(lone, rank, world_size, 3)
-    lone_after = _step(lone, rank, world_size, 8, train=False)
-    torch.save({"before": lone_before, "after": lone_after}, f"{ckpt_dir}/rowwise_lone_expected_{rank}.pt")
+    want_lone = _save_after_two_steps(lone, rank, world_size, f"{ckpt_dir}/rowwise_lone_cw")
+    torch.save({"before": want_lone[0], "after": want_lone[1]}, f"{ckpt_dir}/rowwise_lone_expected_{rank}.pt")
     rowwise_plans = _plans(world_size, cw_t1_on_last_rank=False)
     loads = [("rowwise_rw_dt", plans["cw"], "lone_cw", "dt"), ("rowwise_lone_cw", rowwise_plans["cw"], "cw", "dt"),
              ("rowwise_lone_cw", rowwise_plans["rw"], "rw", "st")]
@@ -180,12 +186,9 @@ def _world2_worker(rank, world_size, ckpt_dir):
     # t1's columns on both ranks (owner rank 0): rank 1's copy of the loaded state comes by broadcast, and the
     # outputs after one more step (each rank updates its own columns with it) check it on both ranks
     for ckpt, plan, kind, out in loads:
-        want_before, want_after = (before, after) if ckpt == "rowwise_rw_dt" else (lone_before, lone_after)
         dmp, _ = build_dmp(rank, world_size, plan, ROWWISE, False, seed=17, output_dtensor=out == "dt")
-        load_checkpoint(dmp, f"{ckpt_dir}/{ckpt}", dmp.fused_optimizer)
-        errs[f"{ckpt} -> {kind}_{out}"] = _max_diff(want_before, _step(dmp, rank, world_size, 7, train=False))
-        _step(dmp, rank, world_size, 3)
-        errs[f"{ckpt} -> {kind}_{out} after step"] = _max_diff(want_after, _step(dmp, rank, world_size, 8, train=False))
+        want = want_rw if ckpt == "rowwise_rw_dt" else want_lone
+        _load_and_compare(dmp, rank, world_size, f"{ckpt_dir}/{ckpt}", want, errs, f"{ckpt} -> {kind}_{out}")
     # --- a rank without a piece (e.g. an empty row-wise shard): 1-D DTensor saved from rank 0, loaded on rank 1
     import torch.distributed.checkpoint as dcp
     from torch.distributed._shard.metadata import ShardMetadata
@@ -228,10 +231,8 @@ def _world1_worker(rank, world_size, ckpt_dir):
         errs[f"{name} after step"] = _max_diff(full["after"], _step(dmp, rank, world_size, 11, train=False))
     # the row-wise state of a column-wise table held by one rank of two, loaded at world size 1
     dmp, _ = build_dmp(rank, world_size, plans["cw"], ROWWISE, False, seed=23, output_dtensor=False)
-    load_checkpoint(dmp, f"{ckpt_dir}/rowwise_lone_cw", dmp.fused_optimizer)
-    errs["rowwise_lone_cw(W=2) -> cw_st(W=1)"] = _max_diff(lone["before"], _step(dmp, rank, world_size, 7, train=False))
-    _step(dmp, rank, world_size, 3)
-    errs["rowwise_lone_cw(W=2) -> cw_st(W=1) after step"] = _max_diff(lone["after"], _step(dmp, rank, world_size, 8, train=False))
+    _load_and_compare(dmp, rank, world_size, f"{ckpt_dir}/rowwise_lone_cw", (lone["before"], lone["after"]), errs,
+                      "rowwise_lone_cw(W=2) -> cw_st(W=1)")
     return {"errs": errs, "cw_dt": describe}
 
 
