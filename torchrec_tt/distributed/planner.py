@@ -338,15 +338,16 @@ class _TTShardingPlanner(EmbeddingShardingPlanner):
     table constrained to column-wise sharding alone raises ``ValueError`` instead.
     """
 
-    def __init__(self, *args: Any, tt_constraints: dict[str, ParameterConstraints], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *, enumerator: _TTEnumerator, tt_constraints: dict[str, ParameterConstraints], **kwargs: Any) -> None:
+        super().__init__(enumerator=enumerator, **kwargs)
+        self._tt_enumerator = enumerator
         self._tt_constraints = tt_constraints
 
     def plan(self, module: nn.Module, sharders: list[ModuleSharder[nn.Module]]) -> ShardingPlan:
         while True:
             plan = super().plan(module, sharders)
             stacked = sorted(
-                name
+                (name, ps.ranks)
                 for module_plan in plan.plan.values()
                 for name, ps in module_plan.items()
                 if getattr(ps, "compute_kernel", None) == TT_COMPUTE_KERNEL
@@ -355,8 +356,7 @@ class _TTShardingPlanner(EmbeddingShardingPlanner):
             )
             if not stacked:
                 return plan
-            for name in stacked:
-                ranks = next(ps.ranks for mp in plan.plan.values() for n, ps in mp.items() if n == name)
+            for name, ranks in stacked:
                 c = self._tt_constraints.setdefault(
                     name, ParameterConstraints(sharding_types=[st.value for st in ShardingType], compute_kernels=[TT_COMPUTE_KERNEL])
                 )
@@ -372,8 +372,7 @@ class _TTShardingPlanner(EmbeddingShardingPlanner):
                     "sharded module cannot hold; planning it again without column-wise sharding", name, ranks,
                 )
                 c.sharding_types = others
-            if isinstance(self._enumerator, _TTEnumerator):
-                self._enumerator.forget_search_space()
+            self._tt_enumerator.forget_search_space()
 
 
 def make_tt_planner(
