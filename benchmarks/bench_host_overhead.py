@@ -32,6 +32,19 @@ from bench_tt_embedding_bag import profiled_steps  # noqa: E402
 log = logging.getLogger("bench_host_overhead")
 
 
+class _NoOp(torch.autograd.Function):
+    """Autograd's fixed cost: a forward that allocates its (B, D) output, a backward that returns nothing."""
+
+    @staticmethod
+    def forward(ctx, leaf: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(ids, offsets)
+        return torch.empty_like(like)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, None, None]:
+        return None, None, None, None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--num-embeddings", "-E", type=int, default=11_000_000)
@@ -64,7 +77,31 @@ def host_us_per_call(fn: Callable[[], object], iters: int) -> dict[str, float]:
     stop.record()
     host = time.perf_counter() - t0  # issue time (unless the launch queue filled up)
     torch.cuda.synchronize()
-    return {"host_us": host / iters * 1e6, "gpu_us": start.elapsed_time(stop) / iters * 1e3}
+    res = {"host_us": host / iters * 1e6, "gpu_us": start.elapsed_time(stop) / iters * 1e3}
+    res.update(issue_and_span_us(fn))
+    return res
+
+
+def issue_and_span_us(fn: Callable[[], object], calls: int = 24) -> dict[str, float]:
+    """Medians, over ``calls`` calls issued from an idle GPU, of each call's host time and GPU span.
+
+    Few enough calls that the launch queue never fills, so the host never waits for the GPU:
+    a call whose GPU span exceeds its issue time is GPU bound, one whose span equals it
+    is host bound (the GPU waited for its launches).
+    """
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(calls + 1)]
+    stamps = []
+    torch.cuda.synchronize()
+    for i in range(calls):
+        stamps.append(time.perf_counter())
+        events[i].record()
+        fn()
+    stamps.append(time.perf_counter())
+    events[calls].record()
+    torch.cuda.synchronize()
+    issue = sorted(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+    span = sorted(a.elapsed_time(b) for a, b in zip(events, events[1:], strict=False))
+    return {"issue_us": issue[calls // 2] * 1e6, "span_us": span[calls // 2] * 1e3}
 
 
 def trace_host_time(step: Callable[[], object], steps: int, rows: int = 25) -> None:
@@ -90,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # over the import's config
     args = parse_args(argv)
     from torchrec_tt import OptimType, TTEmbeddingBag
+    from torchrec_tt.ops.tt_embedding_bag import tt_embedding_bag_for_backward
 
     dev = "cuda"
     p, q, r = ([int(v) for v in s.split(",")] for s in (args.p_shapes, args.q_shapes, args.ranks))
@@ -102,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     ids = torch.randint(0, args.num_embeddings, (B * L,), device=dev)
     offsets = torch.arange(0, B * L + 1, L, device=dev)
     g = torch.randn(B, D, device=dev)
+    table_last = TTEmbeddingBag(
+        args.num_embeddings, D, p, q, r, sparse=True, optimizer=OptimType.SGD, learning_rate=0.0, device=dev,
+        include_last_offset=True,
+    )
     cores = [c.detach() for c in table.tt_cores]
     ranks = [1, *r, 1]
     ops = torch.ops.torchrec_tt
@@ -114,18 +156,42 @@ def main(argv: list[str] | None = None) -> int:
         dense_opt.step()
         dense_opt.zero_grad(set_to_none=True)
 
+    def dense_forward_backward() -> None:
+        dense(ids, offsets[:-1]).backward(g)
+        dense.weight.grad = None
+
     def no_grad_forward() -> None:
         with torch.no_grad():
             table(ids, offsets[:-1])
 
+    def ops_step() -> None:  # the module step's two ops, without autograd
+        tt_embedding_bag_for_backward(cores, ids, offsets, None, p, q, ranks, args.num_embeddings, 0)
+        ops.tt_embedding_bag_backward_fused_(g, cores, [], ids, offsets, None, p, q, ranks, args.num_embeddings, 0, 0, 0.0, 0.0)
+
+    leaf = torch.zeros(1, device=dev, requires_grad=True)
+
+    def empty_function_step() -> None:  # autograd's own cost: a Function doing nothing, on a CUDA tensor
+        _NoOp.apply(leaf, ids, offsets, g).backward(g)
+
     parts: dict[str, Callable[[], object]] = {
         "TT module step (forward + backward + fused SGD)": lambda: table(ids, offsets[:-1]).backward(g),
+        "TT module step, B + 1 offsets (include_last_offset=True)": lambda: table_last(ids, offsets).backward(g),
+        "B + 1 module step on offsets appended outside (new_full + cat)": lambda: table_last(
+            ids, torch.cat([offsets[:-1], offsets.new_full((1,), ids.numel())])
+        ).backward(g),
+        "B + 1 module step on offsets appended by F.pad": lambda: table_last(
+            ids, torch.nn.functional.pad(offsets[:-1], (0, 1), value=ids.numel())
+        ).backward(g),
+        "offsets appended (new_full + cat) alone": lambda: torch.cat([offsets[:-1], offsets.new_full((1,), ids.numel())]),
+        "TT forward op (keeping its batch) + fused backward op, no autograd": ops_step,
+        "autograd Function doing nothing: apply + backward": empty_function_step,
         "TT module forward under no_grad": no_grad_forward,
         "TT forward op": lambda: ops.tt_embedding_bag_forward(cores, ids, offsets, None, p, q, ranks, args.num_embeddings, 0),
         "TT fused backward op (sorts its own batch)": lambda: ops.tt_embedding_bag_backward_fused_(
             g, cores, [], ids, offsets, None, p, q, ranks, args.num_embeddings, 0, 0, 0.0, 0.0
         ),
         "nn.EmbeddingBag(sparse=True) + SGD step": dense_step,
+        "nn.EmbeddingBag(sparse=True) forward + backward, no optimizer step": dense_forward_backward,
         "one tiny kernel launch (x.add_(1))": lambda: tiny.add_(1),
     }
     if args.cache_size:
@@ -155,9 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         "parts": {name: host_us_per_call(fn, args.iters) for name, fn in parts.items()},
     }
     log.info("Host time per call, %s, B=%d, L=%d (us):", results["device"], B, L)
-    log.info("| part | host us/call | GPU us/call |\n|---|---|---|")
+    log.info(
+        "| part | host us/call | GPU us/call | host us to issue a call (from idle) | its GPU span us |\n|---|---|---|---|---|"
+    )
     for name, v in results["parts"].items():
-        log.info("| %s | %.1f | %.1f |", name, v["host_us"], v["gpu_us"])
+        log.info("| %s | %.1f | %.1f | %.1f | %.1f |", name, v["host_us"], v["gpu_us"], v["issue_us"], v["span_us"])
     if args.trace:
         trace_host_time(parts["TT module step (forward + backward + fused SGD)"], args.trace)
     if args.out:
