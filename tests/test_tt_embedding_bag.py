@@ -553,6 +553,11 @@ def test_torch_compile_inductor_fullgraph_forward():
         torch.testing.assert_close(compiled(ids, offsets), emb(ids, offsets))
 
 
+@pytest.mark.skipif(
+    torch.__version__ < "2.12",
+    reason="torch 2.11's AOTAutograd writes parameters updated in the backward back under grad mode and raises "
+    "'a leaf Variable that requires grad is being used in an in-place operation' (fixed in torch 2.12)",
+)
 def test_torch_compile_fullgraph_sparse_training_matches_eager():
     eager = _make(sparse=True, optimizer=OptimType.EXACT_ADAGRAD, dtype=torch.float32)
     compiled_table = _make(sparse=True, optimizer=OptimType.EXACT_ADAGRAD, dtype=torch.float32)

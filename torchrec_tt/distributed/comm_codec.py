@@ -151,7 +151,8 @@ def max_code(bits: int) -> int:
         int: 7, 127 or 32767.
     """
     _check_bits(bits)
-    return (1 << (bits - 1)) - 1
+    # a power, not a shift: torch 2.11's dynamo fails to evaluate `1 << (bits - 1)` on a symbolic width
+    return 2 ** (bits - 1) - 1
 
 
 def header_bytes(bits: int) -> int:
@@ -696,9 +697,9 @@ class ErrorBoundedCommCodec:
 
         With ``compile=True``: one ``torch.compile``'d function per (kind, width); dynamo's
         automatic dynamic shapes make the length symbolic after its first change (forward,
-        backward and evaluation calls differ) while the width stays a constant (with
-        ``dynamic=True`` the width became a SymInt and ``1 << (bits - 1)`` broke dynamo on
-        torch 2.11).
+        backward and evaluation calls differ). The functions of all widths share one code
+        object, so a second width can make the width symbolic too: ``max_code`` is written
+        so that dynamo evaluates it on a SymInt (torch 2.11 failed on a shift).
         """
         fn = encode_blocks if kind == "encode" else decode_blocks
         if not self._compile:
