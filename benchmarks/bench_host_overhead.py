@@ -45,14 +45,19 @@ class _NoOp(torch.autograd.Function):
         return None, None, None, None
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_step_args(ap: argparse.ArgumentParser) -> None:
+    """The table (seed shapes by default) and batch of the timed step."""
     ap.add_argument("--num-embeddings", "-E", type=int, default=11_000_000)
     ap.add_argument("--p-shapes", default="200,220,250")
     ap.add_argument("--q-shapes", default="4,4,4")
     ap.add_argument("--ranks", default="32,32")
     ap.add_argument("--batch-size", "-B", type=int, default=512)
     ap.add_argument("--pooling-factor", "-L", type=int, default=20)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_step_args(ap)
     ap.add_argument("--iters", type=int, default=300, help="timed calls per part")
     ap.add_argument("--cache-size", type=int, default=0, help="also time the LFU-cached table with this many cached rows")
     ap.add_argument("--out", default=None, help="write the results as JSON here")

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_host_overhead import add_step_args  # noqa: E402
 from bench_tt_embedding_bag import IdSource  # noqa: E402
 
 log = logging.getLogger("bench_step_timeline")
@@ -48,12 +49,7 @@ class GpuEvent:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--num-embeddings", "-E", type=int, default=11_000_000)
-    ap.add_argument("--p-shapes", default="200,220,250")
-    ap.add_argument("--q-shapes", default="4,4,4")
-    ap.add_argument("--ranks", default="32,32")
-    ap.add_argument("--batch-size", "-B", type=int, default=512)
-    ap.add_argument("--pooling-factor", "-L", type=int, default=20)
+    add_step_args(ap)
     ap.add_argument("--dist", default="uniform", choices=["uniform", "zipf"])
     ap.add_argument("--steps", type=int, default=20, help="profiled steps per mode")
     ap.add_argument("--modes", default="tt,tt_graph,dense", help="comma-separated: tt, tt_graph, dense")
