@@ -131,6 +131,9 @@ def trace_host_time(step: Callable[[], object], steps: int, rows: int = 25) -> N
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)  # over the import's config
     args = parse_args(argv)
+    if not torch.cuda.is_available():
+        log.error("%s times CUDA steps: no CUDA device here", Path(__file__).name)
+        return 2
     from torchrec_tt import OptimType, TTEmbeddingBag
     from torchrec_tt.ops.tt_embedding_bag import tt_embedding_bag_for_backward
 

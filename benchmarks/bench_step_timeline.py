@@ -154,6 +154,9 @@ def dense_step_of(dense: torch.nn.EmbeddingBag, opt: torch.optim.Optimizer, ids:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     args = parse_args(argv)
+    if not torch.cuda.is_available():
+        log.error("%s times CUDA steps: no CUDA device here", Path(__file__).name)
+        return 2
     from torchrec_tt import OptimType, TTEmbeddingBag
 
     p, q, r = ([int(v) for v in s.split(",")] for s in (args.p_shapes, args.q_shapes, args.ranks))
