@@ -7,12 +7,20 @@
 #   bash scripts/setup_env.sh            # creates ./.venv
 #   TORCHREC_TT_VENV=/path bash scripts/setup_env.sh
 #   TORCHREC_TT_BUILD_EXT=0 ...          # skip the C++ build (reference kernels only)
+#   TORCHREC_TT_DEP_SET=gpu ...          # the GPU machine's set instead (torch 2.11.0, fbgemm-gpu-cpu 1.6.0,
+#                                        # torchrec 1.6.1; PyPI's torch 2.11 is a CUDA build, ~4.6 GB):
+#                                        # scripts/test_gpu_set_on_cpu.sh
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${TORCHREC_TT_VENV:-$root/.venv}
 python=${PYTHON:-python3}
-deps_id="torch==2.13.0 fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0 r3"
 log() { echo "[setup_env] $*" >&2; }
+case "${TORCHREC_TT_DEP_SET:-cpu}" in
+  cpu) torch_v=2.13.0 fbgemm_v=1.8.0 torchrec_v=1.8.0 ;;
+  gpu) torch_v=2.11.0 fbgemm_v=1.6.0 torchrec_v=1.6.1 ;;
+  *) log "TORCHREC_TT_DEP_SET must be cpu or gpu, not '${TORCHREC_TT_DEP_SET}'"; exit 2 ;;
+esac
+deps_id="torch==$torch_v fbgemm-gpu-cpu==$fbgemm_v torchrec==$torchrec_v r3"
 
 if [ ! -x "$venv/bin/python" ]; then
   log "creating $venv"
@@ -23,8 +31,8 @@ pip=("$py" -m pip --disable-pip-version-check)
 if [ "$(cat "$venv/.torchrec_tt_deps" 2>/dev/null)" != "$deps_id" ]; then
   log "installing dependencies (about a minute)"
   # torchrec with --no-deps: its metadata would pull the 465 MB CUDA fbgemm-gpu.
-  "${pip[@]}" install -q torch==2.13.0 fbgemm-gpu-cpu==1.8.0 numpy pyyaml pytest ruff ninja expecttest
-  "${pip[@]}" install -q --no-deps torchrec==1.8.0
+  "${pip[@]}" install -q "torch==$torch_v" "fbgemm-gpu-cpu==$fbgemm_v" numpy pyyaml pytest ruff ninja expecttest
+  "${pip[@]}" install -q --no-deps "torchrec==$torchrec_v"
   "${pip[@]}" install -q tensordict "torchmetrics==1.0.3" tqdm pyre-extensions iopath
   # Editable install of the Python package only; the extension is built in place below.
   TORCHREC_TT_BUILD_EXT=0 "${pip[@]}" install -q --no-build-isolation --no-deps -e "$root"
