@@ -31,7 +31,9 @@ pip=("$py" -m pip --disable-pip-version-check)
 if [ "$(cat "$venv/.torchrec_tt_deps" 2>/dev/null)" != "$deps_id" ]; then
   log "installing dependencies (about a minute)"
   # torchrec with --no-deps: its metadata would pull the 465 MB CUDA fbgemm-gpu.
-  "${pip[@]}" install -q "torch==$torch_v" "fbgemm-gpu-cpu==$fbgemm_v" numpy pyyaml pytest ruff ninja expecttest
+  # setuptools >= 70.1 builds the editable wheel below (torch 2.13 pulls it; 2.11 on Python 3.11 does not)
+  "${pip[@]}" install -q "torch==$torch_v" "fbgemm-gpu-cpu==$fbgemm_v" "setuptools>=70.1" numpy pyyaml pytest ruff ninja \
+    expecttest
   "${pip[@]}" install -q --no-deps "torchrec==$torchrec_v"
   "${pip[@]}" install -q tensordict "torchmetrics==1.0.3" tqdm pyre-extensions iopath
   # Editable install of the Python package only; the extension is built in place below.
