@@ -20,6 +20,6 @@ mkdir -p "$src"
 git archive HEAD | tar -x -C "$src"
 venv=$(realpath -m "${GPUSET_VENV:-$root/.venv-gpuset}")
 echo "[test_gpu_set_on_cpu] $(git rev-parse --short HEAD) in $src, venv $venv" >&2
-USE_CUDA=0 TORCHREC_TT_DEP_SET=gpu TORCHREC_TT_VENV=$venv bash "$src/scripts/setup_env.sh"
-cd "$src"
+cd "$src"  # also for setup_env.sh's closing import check: the checkout's own torchrec_tt is not on the path
+USE_CUDA=0 TORCHREC_TT_DEP_SET=gpu TORCHREC_TT_VENV=$venv bash scripts/setup_env.sh
 TORCHREC_TT_EXPECT_CPP=1 CUDA_VISIBLE_DEVICES= exec "$venv/bin/python" -m pytest -m "not gpu" -q -p no:cacheprovider "$@"
