@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import logging
 import math
@@ -104,8 +105,8 @@ def issue_and_span_us(fn: Callable[[], object], calls: int = 24) -> dict[str, fl
     stamps.append(time.perf_counter())
     events[calls].record()
     torch.cuda.synchronize()
-    issue = sorted(b - a for a, b in zip(stamps, stamps[1:], strict=False))
-    span = sorted(a.elapsed_time(b) for a, b in zip(events, events[1:], strict=False))
+    issue = sorted(b - a for a, b in itertools.pairwise(stamps))
+    span = sorted(a.elapsed_time(b) for a, b in itertools.pairwise(events))
     return {"issue_us": issue[calls // 2] * 1e6, "span_us": span[calls // 2] * 1e3}
 
 

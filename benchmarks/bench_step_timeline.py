@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import logging
 import math
@@ -34,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_host_overhead import add_step_args  # noqa: E402
-from bench_tt_embedding_bag import IdSource  # noqa: E402
+from bench_tt_embedding_bag import IdSource, capture_step, dense_step_of  # noqa: E402
 
 log = logging.getLogger("bench_step_timeline")
 
@@ -142,15 +143,6 @@ def report(mode: str, events: list[GpuEvent], host: list[float], steps: int) -> 
     return res
 
 
-def dense_step_of(dense: torch.nn.EmbeddingBag, opt: torch.optim.Optimizer, ids: torch.Tensor, offsets: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
-    def step() -> None:
-        dense(ids, offsets).backward(g)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     args = parse_args(argv)
@@ -175,23 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         if mode == "tt":
             results.append(report(mode, *profile_steps(lambda: table(ids, offsets).backward(g), args.steps), args.steps))
         elif mode == "tt_graph":
-            graph = torch.cuda.CUDAGraph()
-            s_ids, s_off, s_g = ids.clone(), offsets.clone(), g.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                table(s_ids, s_off).backward(s_g)
-            torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(graph):
-                table(s_ids, s_off).backward(s_g)
+            graph, _ = capture_step(lambda b: table(b[0], b[1]).backward(b[2]), (ids, offsets, g))
             results.append(report(mode, *profile_steps(graph.replay, args.steps), args.steps))
         elif mode == "dense":
             dense = torch.nn.EmbeddingBag(
                 args.num_embeddings, D, mode="sum", sparse=True, include_last_offset=True, device="cuda"
             )
-            opt = torch.optim.SGD(dense.parameters(), lr=0.0)
-
-            results.append(report(mode, *profile_steps(dense_step_of(dense, opt, ids, offsets, g), args.steps), args.steps))
+            dense_step = dense_step_of(dense, torch.optim.SGD(dense.parameters(), lr=0.0))
+            results.append(report(mode, *profile_steps(functools.partial(dense_step, (ids, offsets, g)), args.steps), args.steps))
         else:
             raise ValueError(f"unknown mode {mode!r}")
     log.info("| mode | host us/step | GPU span us/step | GPU busy us/step | GPU events/step |\n|---|---|---|---|---|")

@@ -448,9 +448,12 @@ def run(args) -> dict:
     return {"info": info, "rows": rows}
 
 
-def graph_times(step, batches, iters: int, warmup: int) -> list[float]:
-    """Per-iteration seconds of ``step(batch)`` captured once in a CUDA graph; each batch is copied in before its replay."""
-    static = [t.clone() for t in batches[0]]
+def capture_step(step, batch) -> tuple[torch.cuda.CUDAGraph, list[torch.Tensor]]:
+    """``step`` on copies of ``batch`` (three warm-up calls on a side stream), then captured once in a CUDA graph.
+
+    Returns the graph and the copies it reads: copy a new batch into them before a replay.
+    """
+    static = [t.clone() for t in batch]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -460,6 +463,12 @@ def graph_times(step, batches, iters: int, warmup: int) -> list[float]:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step(static)
+    return graph, static
+
+
+def graph_times(step, batches, iters: int, warmup: int) -> list[float]:
+    """Per-iteration seconds of ``step(batch)`` captured once in a CUDA graph; each batch is copied in before its replay."""
+    graph, static = capture_step(step, batches[0])
 
     def replay(b):
         for dst, src in zip(static, b, strict=True):
